@@ -1,0 +1,55 @@
+"""Shared fixtures: offline mode, paths to the real test material in ../shared, tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TOKENIZERS = SHARED / "tokenizers"
+CORPORA = SHARED / "corpora"
+
+
+def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool = True, seed: int = 0):
+    """A randomly initialised 2-layer causal LM of the given family (hidden 32, odd intermediate size 37)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=min(2, vocab_size - 1),
+        eos_token_id=min(1, vocab_size - 1),
+        pad_token_id=0,
+    )
+    if model_type == "gemma3_text":
+        kwargs.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def require_shared() -> None:
+    if not SHARED.is_dir():
+        pytest.fail(f"test material missing: {SHARED} (CI checks out ../shared beside the project)")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    require_shared()
+    return SHARED
