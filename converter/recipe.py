@@ -8,6 +8,7 @@ one-sentence :class:`RecipeError`; nothing here touches model weights.
 from __future__ import annotations
 
 import glob
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -274,7 +275,7 @@ class Recipe(_Strict):
     def resolve(self, path: str) -> Path:
         """A recipe path made absolute against the recipe file's directory (``~`` expanded)."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (self._base_dir / p)
+        return p if p.is_absolute() else (self._base_dir / p).resolve()
 
     def resolve_sources(self, patterns: list[str], what: str) -> list[Path]:
         """Expand files/globs; a pattern matching nothing is a DataError naming it."""
@@ -300,6 +301,33 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2:4`` as the base-60 integer 124; recipes mean the string, so base-60 is switched off."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 def _loc(err: dict[str, Any]) -> str:
@@ -329,7 +357,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise RecipeError(f"--set '{item}' has an empty key; write e.g. --set prune.sparsity=0.6.")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), parse_yaml(raw) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -375,7 +403,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not p.is_file():
         raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = parse_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -401,3 +429,34 @@ def recipe_sha256(recipe: Recipe) -> str:
 
 def json_schema() -> dict[str, Any]:
     return Recipe.model_json_schema(by_alias=True)
+
+
+def field_reference(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every recipe field; the README's reference table is this list."""
+    rows: list[tuple[str, str, str]] = []
+    for name, f in model.model_fields.items():
+        key = prefix + (f.alias or name)
+        ann = f.annotation
+        args = getattr(ann, "__args__", ())
+        sub, sep = None, "."
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            sub = ann
+        elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            sub, sep = args[0], "[]."
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            default = "[]" if f.default_factory is list else "(section)"
+        else:
+            default = json.dumps(f.default)
+        rows.append((key, default, f.description or ""))
+        if sub is not None:
+            rows.extend(field_reference(sub, key + sep))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, desc in field_reference():
+        lines.append(f"| `{key}` | {default.replace('|', '/')} | {desc.replace('|', '/')} |")
+    return "\n".join(lines)

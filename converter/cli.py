@@ -1,0 +1,193 @@
+"""The `langconvert` command.
+
+    langconvert RECIPE [--set key=value ...]     run the recipe (same as `langconvert run RECIPE`)
+    langconvert check RECIPE [--set ...]         validate the recipe and its inputs without loading weights
+    langconvert schema                           print the recipe's JSON schema
+
+Exit codes: 0 ok, 1 a validation gate failed, 2 bad recipe or input, 3 runtime failure.
+User errors print one sentence, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from converter.errors import EXIT_RUNTIME, ConvertError
+
+log = logging.getLogger("converter")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("converter").setLevel(level)
+    for noisy in ("transformers", "optimum", "torch", "onnxruntime", "onnxscript", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _DefaultRun(click.Group):
+    """`langconvert RECIPE` means `langconvert run RECIPE`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if not a.startswith("-")), None)
+        if first is not None and first not in self.commands and not any(a in ("--help", "-h") for a in args[:1]):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if isinstance(exc, ConvertError):
+        click.echo(f"error: {exc}", err=True)
+        if debug:
+            import traceback
+
+            traceback.print_exception(exc)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo("interrupted; no release was written.", err=True)
+        sys.exit(130)
+    if debug:
+        raise exc
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    click.echo(
+        f"error: unexpected {type(exc).__name__}: {first} (run again with --debug for the traceback).", err=True
+    )
+    sys.exit(EXIT_RUNTIME)
+
+
+@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="langconvert")
+def main() -> None:
+    """Convert a multilingual causal LM into a slim, validated single-language ONNX release."""
+
+
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe value, e.g. --set prune.sparsity=0.6 (validated like the file).",
+)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run(recipe: Path, overrides: tuple[str, ...], verbose: int, quiet: bool, debug: bool) -> None:
+    """Run RECIPE and write the release directory."""
+    _setup_logging(verbose, quiet)
+    try:
+        from converter.errors import GateFailed
+        from converter.pipeline import run_recipe
+        from converter.recipe import load_recipe
+
+        rec = load_recipe(recipe, list(overrides))
+        preflight(rec)
+        try:
+            out = run_recipe(rec)
+        except GateFailed:
+            _print_summary(rec.out_dir.with_name(rec.out_dir.name + ".failed"))
+            raise
+        _print_summary(out)
+        click.echo(f"release written to {out}")
+    except BaseException as exc:  # noqa: BLE001 — every failure becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, debug)
+
+
+def preflight(rec) -> None:
+    """Every check that needs no weights: sources exist and are readable, the model family is supported,
+    the output directory may be written."""
+    from converter.arch import spec_for
+    from converter.calibrate import read_documents
+    from converter.errors import DataError
+    from converter.load import read_model_type, resolve_source
+    from converter.manifest import prepare_output
+
+    for lang in rec.languages:
+        where = f"languages[{lang.code}]"
+        files = rec.resolve_sources(lang.sources, f"{where}.sources")
+        if not any(read_documents(f) for f in files):
+            raise DataError(
+                f"{where}.sources ({', '.join(str(f) for f in files)}) contain no text; "
+                "give files with at least one non-empty line."
+            )
+        rec.resolve_sources(lang.heldout, f"{where}.heldout")
+    resolve_source(rec.model.source, rec.base_dir)
+    model_type = read_model_type(rec.model, rec.base_dir)
+    if model_type is not None:
+        spec_for(model_type)
+    if rec.model.tokenizer:
+        tok = rec.resolve(rec.model.tokenizer)
+        if not (tok / "tokenizer.json").is_file():
+            from converter.errors import ModelError
+
+            raise ModelError(f"model.tokenizer '{tok}' has no tokenizer.json; point it at a tokenizer directory.")
+    prepare_output(rec)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def check(recipe: Path, overrides: tuple[str, ...], debug: bool) -> None:
+    """Validate RECIPE and its inputs without loading any weights."""
+    _setup_logging(0, True)
+    try:
+        from converter.recipe import load_recipe
+
+        rec = load_recipe(recipe, list(overrides))
+        preflight(rec)
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, debug)
+    click.echo(f"{recipe}: ok ({rec.name}: {', '.join(lang.code for lang in rec.languages)}; output {rec.out_dir})")
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the reference table used in the README instead.")
+def schema(markdown: bool) -> None:
+    """Print the recipe's JSON schema (every key with its description)."""
+    from converter.recipe import json_schema, reference_markdown
+
+    click.echo(reference_markdown() if markdown else json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+def _print_summary(out_dir: Path) -> None:
+    path = out_dir / "report.json"
+    if not path.is_file():
+        return
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["", f"{'stage':<12} {'status':<8} {'seconds':>8}  result"]
+    for name, st in rep["stages"].items():
+        secs = st.get("seconds")
+        lines.append(f"{name:<12} {st['status']:<8} {secs if secs is not None else '':>8}  {st.get('headline') or ''}")
+    if rep.get("checks"):
+        lines.append("")
+        for c in rep["checks"]:
+            mark = {True: "✓", False: "✗", None: "·"}[c["passed"]]
+            val = c["value"]
+            val_s = f"{val:.4g}" if isinstance(val, (int, float)) else str(val)
+            gate = f" (gate {c['op']} {c['threshold']:g})" if c.get("op") else ""
+            lines.append(f"{mark} {c['name']}: {val_s}{gate}  {c.get('detail', '')}")
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

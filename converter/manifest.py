@@ -1,0 +1,199 @@
+"""Manifest: the record of one run, written from the first second and finished atomically.
+
+The release is built in a hidden temporary sibling of the final directory. ``finish`` writes checksums, the
+report and manifest.json, then renames the temporary directory to ``<dir>/<name>``; a run that fails (a stage
+raised, or a gate failed) is renamed to ``<dir>/<name>.failed`` instead, so nothing half-written ever looks
+like a release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+from converter.errors import ConvertError, RecipeError
+from converter.recipe import Recipe, recipe_sha256
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PACKAGES = (
+    "langconvert",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "accelerate",
+    "safetensors",
+    "numpy",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def prepare_output(recipe: Recipe) -> Path:
+    """Fail fast (before any weight is loaded) when the release directory exists and may not be replaced."""
+    final = recipe.out_dir
+    if final.exists() and not recipe.output.overwrite:
+        raise RecipeError(
+            f"the release directory '{final}' already exists; remove it, change 'name', or set output.overwrite: true."
+        )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"output.dir '{final.parent}' cannot be created ({exc.strerror}); choose another.") from None
+    return final
+
+
+class Manifest:
+    def __init__(self, recipe: Recipe, final_dir: Path, device: str):
+        self.recipe = recipe
+        self.final_dir = final_dir
+        self.work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.scratch = self.work / ".scratch"  # intermediate files that never ship (removed by finish)
+        self.scratch.mkdir()
+        self.started = time.time()
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, Any] = {}
+        self.data: dict[str, Any] = {
+            "langconvert_manifest": 1,
+            "name": recipe.name,
+            "status": "running",
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": recipe.to_dict(),
+            "recipe_sha256": recipe_sha256(recipe),
+            "seed": recipe.seed,
+            "device": device,
+            "host": {
+                "machine": platform.machine(),
+                "system": platform.system(),
+                "processor": platform.processor() or None,
+                "cpus": os.cpu_count(),
+                "hostname": socket.gethostname(),
+            },
+            "command": sys.argv,
+            "versions": package_versions(),
+            "stages": self.stages,
+            "files": {},
+        }
+        self._write()
+
+    @classmethod
+    def begin(cls, recipe: Recipe, device: str) -> Manifest:
+        return cls(recipe, prepare_output(recipe), device)
+
+    def dir(self, name: str) -> Path:
+        p = self.work / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def _write(self) -> None:
+        (self.work / "manifest.json").write_text(
+            json.dumps(_jsonable(self.data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+    def record(self, stage: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one stage, timing it and storing its summary (or its failure) in the manifest."""
+        entry: dict[str, Any] = {"status": "running"}
+        self.stages[stage] = entry
+        self._write()
+        log.info("%s: started", stage)
+        t0 = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=str(exc))
+            if not isinstance(exc, ConvertError):
+                entry["traceback"] = traceback.format_exc(limit=20)
+            self._write()
+            raise
+        seconds = time.perf_counter() - t0
+        summary = result.summary() if hasattr(result, "summary") else {}
+        entry.update(status="ok", seconds=round(seconds, 3), metrics=summary)
+        self.results[stage] = result
+        self._write()
+        headline = summary.get("headline", "") if isinstance(summary, dict) else ""
+        log.info("%s: done in %.1fs%s", stage, seconds, f" — {headline}" if headline else "")
+        return result
+
+    def _checksums(self) -> dict[str, Any]:
+        files = {}
+        for p in sorted(self.work.rglob("*")):
+            if p.is_file() and p.name != "manifest.json" and ".scratch" not in p.relative_to(self.work).parts:
+                rel = p.relative_to(self.work).as_posix()
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        return files
+
+    def finish(self, status: str, report_writer: Callable[[Manifest], None] | None = None) -> Path:
+        """Checksums, report, manifest; then the atomic rename. ``status``: ok | gate_failed | failed."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.data["status"] = status
+        self.data["seconds"] = round(time.time() - self.started, 3)
+        if report_writer is not None:
+            try:
+                report_writer(self)
+            except Exception:  # a broken report must not hide the real outcome
+                log.exception("writing the report failed")
+        self.data["files"] = self._checksums()
+        self._write()
+        target = self.final_dir if status == "ok" else self.final_dir.with_name(self.final_dir.name + ".failed")
+        if target.exists():
+            shutil.rmtree(target)
+        self.work.rename(target)
+        return target
+
+    def abandon(self, exc: BaseException) -> Path:
+        """Called on a failed run: keep what was written, under the .failed name, for inspection."""
+        self.data["error"] = str(exc) or type(exc).__name__
+        return self.finish("failed")

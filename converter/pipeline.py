@@ -1,0 +1,97 @@
+"""run_recipe(): the straight road from recipe to release directory, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from converter.calibrate import calibrate
+from converter.errors import GateFailed
+from converter.export import export_onnx
+from converter.load import LoadedModel, load_model
+from converter.manifest import Manifest
+from converter.prune import prune
+from converter.recipe import Recipe
+from converter.report import write_report
+from converter.validate import validate
+from converter.vocab import VocabResult, trim_vocab
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from converter.errors import RecipeError
+
+        raise RecipeError("device is 'cuda' but torch sees no CUDA device; set device: auto or cpu.")
+    return requested
+
+
+@dataclass
+class SaveResult:
+    model_dir: Path
+    bytes: int
+
+    def summary(self) -> dict[str, Any]:
+        return {"headline": f"{self.bytes / 1e6:,.1f} MB in {self.model_dir.name}/", "bytes": self.bytes}
+
+
+def save_checkpoint(loaded: LoadedModel, vocab: VocabResult, model_dir: Path) -> SaveResult:
+    """The converted HF checkpoint: safetensors, configs, trimmed tokenizer and token_map.json."""
+    loaded.model.save_pretrained(model_dir, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(model_dir)
+    vocab.write_token_map(model_dir / "token_map.json")
+    return SaveResult(model_dir, sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()))
+
+
+def run_validation(recipe: Recipe, converted: LoadedModel, vocab: VocabResult, calib, model_dir: Path, export):
+    original = load_model(recipe.model, recipe.base_dir)  # a fresh, untouched copy (cached for GGUF)
+    return validate(
+        original,
+        converted,
+        vocab.token_map if vocab.trimmed else None,
+        calib,
+        recipe.validate_cfg,
+        model_dir,
+        onnx_dir=export.onnx_dir if export else None,
+        float_onnx_dir=export.float_dir if export else None,
+    )
+
+
+def run_recipe(recipe: Recipe) -> Path:
+    """Run every stage; return the release directory. Raises GateFailed (release kept as <name>.failed)."""
+    device = resolve_device(recipe.device)
+    m = Manifest.begin(recipe, device)
+    try:
+        loaded = m.record("load", load_model, recipe.model, recipe.base_dir)
+        calib = m.record(
+            "calibrate",
+            calibrate,
+            loaded.tokenizer,
+            recipe.languages,
+            recipe.calibration,
+            recipe.seed,
+            recipe.resolve_sources,
+        )
+        m.record("prune", prune, loaded, calib, recipe.prune, device)
+        vocab = m.record("trim_vocab", trim_vocab, loaded, calib, recipe.vocab)
+        m.record("save", save_checkpoint, loaded, vocab, m.dir("model"))
+        export = None
+        if recipe.export.enabled:
+            export = m.record("export", export_onnx, m.dir("model"), m.dir("onnx"), recipe.export, m.scratch)
+        result = m.record("validate", run_validation, recipe, loaded, vocab, calib, m.dir("model"), export)
+    except BaseException as exc:
+        where = m.abandon(exc)
+        log.error("run failed; partial output kept for inspection in %s", where)
+        raise
+    if result.failed:
+        where = m.finish("gate_failed", write_report)
+        names = ", ".join(c.name for c in result.failed)
+        raise GateFailed(f"validation gates failed ({names}); see {where / 'report.md'}.")
+    return m.finish("ok", write_report)

@@ -1,0 +1,327 @@
+"""prune(): walk the decoder layers one at a time, score every linear, zero the weights in place.
+
+Sequential layer-wise pruning as in Wanda (Sun et al. 2023, arXiv:2306.11695) and SparseGPT (Frantar & Alistarh
+2023): the inputs of layer 0 are captured once for every calibration window; then for each layer i
+
+1. (wanda) hooks on the layer's linears accumulate Σ_t x_tj² while the *dense* layer i runs on every batch;
+2. masks are built from the scores (per output row, or N:M) and the weights are zeroed in place;
+3. the now-pruned layer i runs again on every batch, and its outputs become the inputs of layer i+1,
+
+so every layer is calibrated on what the already-pruned layers before it produce. Only one layer boundary of
+activations, (num_samples, seq_len, hidden), lives in memory (on CPU), plus one layer on ``device``.
+
+The keyword arguments a layer receives (attention masks, rotary position embeddings, ...) come from the model's
+own forward: pre-hooks on *every* layer record them, because they differ between layers (Gemma 3 passes a
+sliding-window mask to sliding layers and a causal one to full-attention layers). They depend only on the batch
+shape, so they are recorded once per distinct batch size, with a forward that stops before the last layer runs.
+
+Magnitude pruning needs no activations at all, so it runs no forward. Embeddings and the lm_head are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from converter.calibrate import CalibrationResult
+from converter.errors import DataError, ModelError, RecipeError
+from converter.load import LoadedModel
+from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
+from converter.prune.wanda import ActivationNorms, magnitude_scores, wanda_scores
+from converter.recipe import PruneConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    method: str
+    sparsity: float  # target fraction of zeros per pruned linear
+    pattern: str  # 'unstructured' or 'N:M'
+    per_layer: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> linear name -> measured
+    skipped_layers: list[int] = field(default_factory=list)  # left dense on purpose
+    num_linears: int = 0  # linears pruned
+    pruned_linear_params: int = 0  # weights in the pruned linears
+    zeroed_params: int = 0  # zeros among them after pruning
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def overall_sparsity(self) -> float:
+        return self.zeroed_params / self.pruned_linear_params if self.pruned_linear_params else 0.0
+
+    @property
+    def headline(self) -> str:
+        if self.method == "none":
+            return "no pruning (prune.method none): all weights kept"
+        return (
+            f"{self.method} {self.sparsity:.0%} {self.pattern}: measured {self.overall_sparsity:.1%} "
+            f"over {self.num_linears} linears"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "headline": self.headline,
+            "method": self.method,
+            "target_sparsity": self.sparsity,
+            "pattern": self.pattern,
+            "measured_sparsity": round(self.overall_sparsity, 6),
+            "num_linears": self.num_linears,
+            "pruned_linear_params": self.pruned_linear_params,
+            "zeroed_params": self.zeroed_params,
+            "skipped_layers": list(self.skipped_layers),
+            "per_layer": {
+                str(i): {name: round(s, 6) for name, s in linears.items()}
+                for i, linears in self.per_layer.items()
+            },
+            "seconds": round(self.seconds, 3),
+            "device": self.device,
+        }
+
+
+class _StopForward(Exception):
+    """Raised from a pre-hook to end a capture forward early."""
+
+
+@dataclass
+class _LayerCall:
+    """How the model called one layer for one batch shape: positional args after hidden_states, and kwargs."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def _to(obj: Any, device: str | torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _split_hidden(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, _LayerCall]:
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest = args[0], tuple(args[1:])
+    else:
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    # no KV cache while calibrating: every window is one full forward
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    for key in ("past_key_values", "past_key_value"):
+        if key in kwargs:
+            kwargs[key] = None
+    return hidden, _LayerCall(rest, kwargs)
+
+
+def _capture(
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], dict[int, list[_LayerCall]]]:
+    """Layer-0 inputs for every batch (CPU), and each layer's call arguments per distinct batch size."""
+    n_layers = len(layers)
+    model_device = next(model.parameters()).device
+    states: list[torch.Tensor] = []
+    calls_by_size: dict[int, list[_LayerCall]] = {}
+    for ids in windows.split(batch_size):
+        bsz = ids.shape[0]
+        need_calls = bsz not in calls_by_size
+        calls: list[_LayerCall | None] = [None] * n_layers
+
+        def hook(idx: int, calls: list[_LayerCall | None] = calls, need_calls: bool = need_calls):
+            def _pre(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                hidden, call = _split_hidden(args, kwargs)
+                if idx == 0:
+                    states.append(hidden.detach().to("cpu", copy=True))
+                calls[idx] = call
+                if not need_calls or idx == n_layers - 1:
+                    raise _StopForward
+
+            return _pre
+
+        hooked = range(n_layers) if need_calls else range(1)
+        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in hooked]
+        try:
+            model(input_ids=ids.to(model_device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if calls[0] is None:
+            raise ModelError(
+                "the model's forward never reached decoder layer 0; prune cannot walk this model."
+            )
+        if need_calls:
+            missing = [i for i, c in enumerate(calls) if c is None]
+            if missing:
+                raise ModelError(
+                    f"the model's forward never called decoder layers {missing}; prune cannot walk this model."
+                )
+            calls_by_size[bsz] = calls  # type: ignore[assignment]
+    return states, calls_by_size
+
+
+def _run_layer(
+    layer: nn.Module, states: list[torch.Tensor], calls: dict[int, _LayerCall], device: str
+) -> list[torch.Tensor]:
+    """Run one layer on every batch; outputs (batch, seq, hidden) come back to CPU."""
+    outs = []
+    for h in states:
+        call = calls[h.shape[0]]
+        out = layer(h.to(device), *call.args, **call.kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        outs.append(out.to("cpu"))
+    return outs
+
+
+def _normalise_skips(skip: list[int], n_layers: int) -> list[int]:
+    out = set()
+    for i in skip:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise RecipeError(
+                f"prune.skip_layers contains {i}, but the model has {n_layers} decoder layers "
+                f"(indices 0..{n_layers - 1}, or negative from the end); fix the list."
+            )
+        out.add(j)
+    return sorted(out)
+
+
+def _check_nm(layers: nn.ModuleList, linears_of, to_prune: list[int], pattern: str, m: int) -> None:
+    bad = [
+        f"layer {i} {name} (in_features {lin.in_features})"
+        for i in to_prune
+        for name, lin in linears_of(layers[i]).items()
+        if lin.in_features % m
+    ]
+    if bad:
+        raise ModelError(
+            f"prune.pattern '{pattern}' needs every pruned linear's in_features divisible by {m}, but "
+            f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} is not; use pattern 'unstructured' or list "
+            f"those layers in prune.skip_layers."
+        )
+
+
+def _mask(score: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
+    nm = cfg.nm
+    return nm_mask(score, *nm) if nm else unstructured_mask(score, cfg.sparsity)
+
+
+@torch.no_grad()
+def prune(
+    loaded: LoadedModel, calib: CalibrationResult, cfg: PruneConfig, device: str = "cpu"
+) -> PruneResult:
+    """Prune every prunable linear of every decoder layer not in ``cfg.skip_layers``, in place."""
+    t0 = time.perf_counter()
+    result = PruneResult(method=cfg.method, sparsity=cfg.sparsity, pattern=cfg.pattern, device=str(device))
+    if cfg.method == "none":
+        log.info("prune: method none, all weights kept")
+        return result
+
+    arch = loaded.arch
+    model = loaded.model
+    layers = arch.decoder_layers()
+    n_layers = len(layers)
+    skips = _normalise_skips(cfg.skip_layers, n_layers)
+    result.skipped_layers = skips
+    to_prune = [i for i in range(n_layers) if i not in skips]
+    nm = cfg.nm
+    if nm:
+        _check_nm(layers, arch.prunable_linears, to_prune, cfg.pattern, nm[1])
+
+    wanda = cfg.method == "wanda"
+    states: list[torch.Tensor] = []
+    calls_cpu: dict[int, list[_LayerCall]] = {}
+    if wanda:
+        windows = calib.windows
+        if windows.ndim != 2 or windows.shape[0] == 0:
+            raise DataError(
+                "prune.method wanda needs calibration windows, but calibration produced none; add calibration "
+                "text or use prune.method magnitude."
+            )
+        log.info(
+            "prune: capturing layer-0 inputs for %d windows of %d tokens", windows.shape[0], windows.shape[1]
+        )
+        states, calls_cpu = _capture(model, layers, windows.long(), cfg.batch_size)
+    # wanda: run layers only up to the last one that is pruned; nothing after it needs activations
+    last_needed = max(to_prune) if (wanda and to_prune) else -1
+
+    for i in tqdm(range(n_layers), desc="prune", unit="layer", disable=None):
+        t_layer = time.perf_counter()
+        layer = layers[i]
+        pruned = i in to_prune
+        if not pruned and i > last_needed:
+            log.info("prune: layer %d/%d left dense (prune.skip_layers)", i, n_layers - 1)
+            continue
+        home = next(layer.parameters()).device
+        layer.to(device)
+        calls = {
+            b: _LayerCall(_to(c[i].args, device), _to(c[i].kwargs, device)) for b, c in calls_cpu.items()
+        }
+        linears = arch.prunable_linears(layer)
+
+        if pruned:
+            norms: dict[str, ActivationNorms] = {}
+            if wanda:
+                handles = []
+                for name, lin in linears.items():
+                    acc = norms[name] = ActivationNorms(lin.in_features, device=device)
+                    handles.append(
+                        lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add_batch(args[0]))
+                    )
+                try:
+                    _run_layer(layer, states, calls, device)
+                finally:
+                    for h in handles:
+                        h.remove()
+            stats: dict[str, float] = {}
+            for name, lin in linears.items():
+                w = lin.weight.data  # (out_features, in_features)
+                acc = norms.get(name)
+                if acc is not None and acc.tokens == 0:
+                    log.warning(
+                        "prune: layer %d %s saw no calibration tokens; using magnitude scores", i, name
+                    )
+                    acc = None
+                score = wanda_scores(w, acc.sq_sum) if acc is not None else magnitude_scores(w)
+                w.masked_fill_(~_mask(score, cfg), 0)
+                stats[name] = measured_sparsity(w)
+                result.pruned_linear_params += w.numel()
+                result.zeroed_params += int((w == 0).sum())
+            result.per_layer[i] = stats
+            result.num_linears += len(linears)
+
+        # propagate: the (pruned) layer's outputs are the next layer's inputs
+        if wanda and i < last_needed:
+            states = _run_layer(layer, states, calls, device)
+        layer.to(home)
+        if pruned:
+            mean = sum(result.per_layer[i].values()) / max(len(result.per_layer[i]), 1)
+            log.info(
+                "prune: layer %d/%d %s, %d linears, mean measured sparsity %.1f%% (%.2fs)",
+                i,
+                n_layers - 1,
+                cfg.method,
+                len(linears),
+                100 * mean,
+                time.perf_counter() - t_layer,
+            )
+        else:
+            log.info("prune: layer %d/%d left dense (prune.skip_layers)", i, n_layers - 1)
+
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    result.seconds = time.perf_counter() - t0
+    log.info("prune: %s in %.1fs", result.headline, result.seconds)
+    return result

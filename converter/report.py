@@ -1,0 +1,174 @@
+"""report.md (for people) and report.json (for CI) from the manifest of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from converter.manifest import Manifest, _jsonable
+
+
+def _num(x: Any, fmt: str = "{:,.3f}") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    if isinstance(x, int):
+        return f"{x:,}"
+    try:
+        return fmt.format(x)
+    except (ValueError, TypeError):
+        return str(x)
+
+
+def _mb(n: Any) -> str:
+    return "—" if not n else f"{n / 1e6:,.1f} MB"
+
+
+def _mark(passed: bool | None) -> str:
+    return {True: "✓", False: "✗", None: "·"}[passed]
+
+
+def build_report(data: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable report: status, gates and the headline numbers of every stage."""
+    stages = data.get("stages", {})
+    val = stages.get("validate", {}).get("metrics", {})
+    return {
+        "name": data.get("name"),
+        "status": data.get("status"),
+        "error": data.get("error"),
+        "recipe_sha256": data.get("recipe_sha256"),
+        "stages": {
+            k: {"status": v.get("status"), "seconds": v.get("seconds"), "headline": v.get("metrics", {}).get("headline")}
+            for k, v in stages.items()
+        },
+        "checks": val.get("checks", []),
+        "failed_gates": [c["name"] for c in val.get("checks", []) if c.get("passed") is False],
+        "size": val.get("size"),
+        "quality": val.get("quality"),
+        "tokenizer": val.get("tokenizer"),
+        "onnx": val.get("onnx"),
+        "speed": val.get("speed"),
+        "prune": stages.get("prune", {}).get("metrics"),
+        "vocab": {k: v for k, v in stages.get("trim_vocab", {}).get("metrics", {}).items() if k != "token_map"},
+        "export": stages.get("export", {}).get("metrics"),
+    }
+
+
+def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
+    out: list[str] = []
+    status = rep["status"]
+    title = {"ok": "✓ release ready", "gate_failed": "✗ validation gates failed", "failed": "✗ run failed"}.get(
+        status, status
+    )
+    recipe = data.get("recipe", {})
+    langs = ", ".join(lang["code"] for lang in recipe.get("languages", []))
+    out.append(f"# {rep['name']}: {title}\n")
+    out.append(f"Model `{recipe.get('model', {}).get('source')}` → languages {langs}; started {data.get('started')}, ")
+    out.append(f"{_num(data.get('seconds'), '{:.0f}')} s on {data.get('device')} ({data['host']['cpus']} CPUs).\n")
+    if rep.get("error"):
+        out.append(f"\n**Error:** {rep['error']}\n")
+
+    out.append("\n## Stages\n\n| stage | status | seconds | result |\n|---|---|---:|---|\n")
+    for name, st in rep["stages"].items():
+        out.append(f"| {name} | {st['status']} | {_num(st['seconds'], '{:.1f}')} | {st['headline'] or ''} |\n")
+
+    if rep["checks"]:
+        out.append("\n## Checks\n\n| | check | value | gate | detail |\n|---|---|---:|---|---|\n")
+        for c in rep["checks"]:
+            thr = f"{c['op']} {_num(c['threshold'], '{:g}')}" if c.get("op") else "report only"
+            out.append(f"| {_mark(c['passed'])} | {c['name']} | {_num(c['value'], '{:.4g}')} | {thr} | {c['detail']} |\n")
+        if rep["failed_gates"]:
+            out.append(f"\n**Failed gates:** {', '.join(rep['failed_gates'])}.\n")
+
+    size = rep.get("size")
+    vocab = rep.get("vocab") or {}
+    if size:
+        b, a = size["before"], size["after"]
+        out.append("\n## Size\n\n| | before | after |\n|---|---:|---:|\n")
+        out.append(f"| vocabulary | {_num(b.get('vocab_size'))} | {_num(a.get('vocab_size'))} |\n")
+        out.append(f"| parameters | {_num(b.get('parameters'))} | {_num(a.get('parameters'))} |\n")
+        out.append(f"| non-zero parameters | {_num(b.get('nonzero_parameters'))} | {_num(a.get('nonzero_parameters'))} |\n")
+        out.append(f"| safetensors on disk | {_mb(b.get('checkpoint_bytes'))} | {_mb(a.get('checkpoint_bytes'))} |\n")
+        if a.get("onnx_bytes"):
+            out.append(f"| ONNX on disk | — | {_mb(a.get('onnx_bytes'))} |\n")
+    if vocab.get("policies"):
+        out.append("\nTokens kept per policy (a token may be counted by several): ")
+        out.append(", ".join(f"{k} {_num(v)}" for k, v in vocab["policies"].items()) + ".\n")
+
+    quality = rep.get("quality")
+    if quality:
+        out.append("\n## Quality on held-out text\n\nBits per UTF-8 byte (lower is better; comparable across ")
+        out.append("tokenizers) and perplexity.\n\n")
+        out.append("| language | bpb original | bpb converted (PyTorch) | bpb artifact (ONNX) | change | ppl original | ppl artifact |\n")
+        out.append("|---|---:|---:|---:|---:|---:|---:|\n")
+        for code, q in quality.items():
+            art = q.get("artifact", q["converted"])
+            out.append(
+                f"| {code} | {_num(q['original']['bpb'])} | {_num(q['converted']['bpb'])} | "
+                f"{_num(q.get('artifact', {}).get('bpb'))} | {_num(100 * q['bpb_increase'], '{:+.1f}%')} | "
+                f"{_num(q['original']['ppl'], '{:.2f}')} | {_num(art['ppl'], '{:.2f}')} |\n"
+            )
+
+    tok = rep.get("tokenizer")
+    if tok:
+        out.append("\n## Tokenizer\n\n| language | target | parity | round trip | tokens/char before | after |")
+        out.append(" byte fallback after |\n|---|---|---:|---:|---:|---:|---:|\n")
+        for code, t in tok.items():
+            par = t.get("parity")
+            par_s = f"{par['identical']}/{par['docs']}" if par else "—"
+            rt = t["round_trip"]
+            out.append(
+                f"| {code} | {'yes' if t['target'] else 'control'} | {par_s} | {rt['identical']}/{rt['docs']} | "
+                f"{_num(t['before']['tokens_per_char'])} | {_num(t['after']['tokens_per_char'])} | "
+                f"{_num(100 * t['after'].get('byte_fallback_share', float('nan')), '{:.1f}%')} |\n"
+            )
+
+    onnx = rep.get("onnx")
+    if onnx:
+        out.append("\n## ONNX parity\n\n")
+        out.append(f"- float export vs PyTorch: max |Δlogit| {_num(onnx['max_abs_logit_diff_float'], '{:.2e}')}, ")
+        out.append(f"top-1 agreement {_num(100 * onnx['top1_agreement_float'], '{:.2f}%')} over {onnx['positions']} positions\n")
+        out.append(f"- shipped artifact ({'int8' if onnx['quantized'] else 'float'}) top-1 agreement ")
+        out.append(f"{_num(100 * onnx['top1_agreement_artifact'], '{:.2f}%')}\n")
+        g = onnx.get("greedy")
+        if g:
+            same = g["torch"] == g["onnx_float"]
+            out.append(f"- {len(g['torch'])} greedy tokens with KV cache: float ONNX {'identical' if same else 'DIFFERENT'}")
+            if "onnx_artifact" in g:
+                out.append(f"; artifact matches for the first {g['artifact_matching_prefix']}")
+            out.append("\n")
+
+    speed = rep.get("speed")
+    if speed:
+        out.append("\n## Speed (same machine, same prompts, greedy decode with KV cache, after warm-up)\n\n")
+        out.append("| | decode tokens/s | time to first token |\n|---|---:|---:|\n")
+        for key, label in (("original_torch", "original, PyTorch"), ("artifact_onnx", "artifact, onnxruntime")):
+            if key in speed:
+                s = speed[key]
+                out.append(f"| {label} | {_num(s['tokens_per_s'], '{:.1f}')} | {_num(1000 * s['ttft_s'], '{:.1f}')} ms |\n")
+        out.append(f"\n{speed.get('note', '')}\n")
+
+    prune = rep.get("prune")
+    if prune and prune.get("per_layer"):
+        out.append("\n## Pruning: measured sparsity per layer\n\n| layer | sparsity |\n|---:|---:|\n")
+        for layer, linears in prune["per_layer"].items():
+            vals = list(linears.values()) if isinstance(linears, dict) else [linears]
+            mean = sum(vals) / len(vals) if vals else 0.0
+            out.append(f"| {layer} | {100 * mean:.1f}% |\n")
+
+    out.append("\n## Files\n\n| file | bytes | sha256 |\n|---|---:|---|\n")
+    for path, f in data.get("files", {}).items():
+        out.append(f"| {path} | {f['bytes']:,} | `{f['sha256'][:16]}…` |\n")
+    out.append("\nFull numbers: `report.json`; provenance (recipe, versions, timings, checksums): `manifest.json`.\n")
+    return "".join(out)
+
+
+def write_report(m: Manifest) -> None:
+    m.data["files"] = m._checksums()  # so the report can list the model files
+    rep = build_report(m.data)
+    (m.work / "report.json").write_text(
+        json.dumps(_jsonable(rep), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (m.work / "report.md").write_text(render_markdown(rep, m.data), encoding="utf-8")

@@ -1,0 +1,414 @@
+"""validate(): named checks, each with its number, threshold and ✓/✗; every check runs before any gate decides.
+
+Checks
+- tokenizer parity: held-out text of every target language tokenizes to the same tokens after the id remap,
+  and every language's held-out text round-trips (decode(encode(s)) equals what the original tokenizer gives);
+- quality: bits per byte and perplexity on held-out text per language, original vs converted vs shipped ONNX;
+- ONNX parity: float export vs the converted PyTorch model (max |Δlogit|, top-1 agreement, greedy tokens with
+  KV cache), and top-1 agreement of the shipped (possibly int8) artifact;
+- size: parameters (total and non-zero) and bytes on disk, before and after;
+- speed: decode tokens/s and time to first token, original in PyTorch vs the artifact in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter.calibrate import CalibrationResult
+from converter.load import LoadedModel
+from converter.recipe import ValidateConfig
+
+log = logging.getLogger(__name__)
+
+SPEED_NOTE = (
+    "Unstructured and N:M zeros are stored densely: PyTorch and onnxruntime's dense kernels do the same work "
+    "for them, so pruning alone does not make decoding faster; the speed difference comes from the runtime, "
+    "int8 weights and the smaller lm_head of the trimmed vocabulary."
+)
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    threshold: float | None = None
+    op: str = ""  # ">=" or "<=" or "==" when gated
+    passed: bool | None = None  # None: informational
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "threshold": self.threshold,
+            "op": self.op,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+def gate(name: str, value: float, op: str, threshold: float, detail: str = "") -> Check:
+    if op == ">=":
+        ok = value >= threshold
+    elif op == "<=":
+        ok = value <= threshold
+    else:
+        ok = value == threshold
+    if isinstance(value, float) and math.isnan(value):
+        ok = False
+    return Check(name, value, threshold, op, ok, detail)
+
+
+@dataclass
+class ValidateResult:
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+    def summary(self) -> dict[str, Any]:
+        gated = [c for c in self.checks if c.passed is not None]
+        return {
+            "headline": f"{len(gated) - len(self.failed)}/{len(gated)} gates passed"
+            + (f"; failed: {', '.join(c.name for c in self.failed)}" if self.failed else ""),
+            "checks": [c.as_dict() for c in self.checks],
+            **self.metrics,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+def tokenizer_parity(original: Any, trimmed: Any, token_map: list[int] | None, docs: list[str]) -> dict[str, Any]:
+    """Share of documents whose trimmed ids, mapped back through token_map, equal the original ids."""
+    if not docs:
+        return {"docs": 0, "identical": 0, "share": float("nan"), "first_mismatch": None}
+    old = original(docs, add_special_tokens=True)["input_ids"]
+    new = trimmed(docs, add_special_tokens=True)["input_ids"]
+    same = 0
+    first = None
+    for i, (a, b) in enumerate(zip(old, new)):
+        mapped = [token_map[t] for t in b] if token_map is not None else b
+        if mapped == a:
+            same += 1
+        elif first is None:
+            first = docs[i][:80]
+    return {"docs": len(docs), "identical": same, "share": same / len(docs), "first_mismatch": first}
+
+
+def round_trip(original: Any, trimmed: Any, docs: list[str]) -> dict[str, Any]:
+    """decode(encode(s)) with the trimmed tokenizer equals the original tokenizer's, for every document."""
+    ok = 0
+    for d in docs:
+        a = original.decode(original(d, add_special_tokens=False)["input_ids"])
+        b = trimmed.decode(trimmed(d, add_special_tokens=False)["input_ids"])
+        ok += a == b
+    return {"docs": len(docs), "identical": ok, "share": ok / len(docs) if docs else float("nan")}
+
+
+def tokens_per_char(tokenizer: Any, docs: list[str], byte_ids: set[int] | None = None) -> dict[str, float]:
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+    n_tok = sum(len(x) for x in ids)
+    n_chr = sum(len(d) for d in docs)
+    out = {"tokens_per_char": n_tok / n_chr if n_chr else float("nan")}
+    if byte_ids is not None:
+        n_byte = sum(1 for x in ids for t in x if t in byte_ids)
+        out["byte_fallback_share"] = n_byte / n_tok if n_tok else float("nan")
+    return out
+
+
+def byte_token_ids(tokenizer: Any) -> set[int]:
+    vocab = tokenizer.get_vocab()
+    return {i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
+
+
+# ---------------------------------------------------------------------------------------------------- quality
+def _batches(tokenizer: Any, docs: list[str], max_len: int, batch: int = 8):
+    enc = [ids[:max_len] for ids in tokenizer(docs, add_special_tokens=True)["input_ids"]]
+    enc = [e for e in enc if len(e) >= 2]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(enc), batch):
+        chunk = enc[i : i + batch]
+        width = max(len(e) for e in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        yield chunk, ids, mask
+
+
+def score_texts(logits_fn: Any, tokenizer: Any, docs: list[str], max_len: int) -> dict[str, float]:
+    """Bits per UTF-8 byte and perplexity of ``docs`` under a model given as logits_fn(ids, mask) -> logits.
+
+    Bits per byte divides the summed negative log-likelihood (in bits) of every predicted token by the UTF-8
+    bytes those tokens spell, so it compares models whose tokenizers differ.
+    """
+    nll = 0.0
+    n_tok = 0
+    n_bytes = 0
+    for chunk, ids, mask in _batches(tokenizer, docs, max_len):
+        logits = torch.as_tensor(logits_fn(ids, mask)).float()  # (batch, seq, vocab)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:]
+        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+        valid = mask[:, 1:].bool()
+        nll -= float(tok_lp[valid].sum())
+        n_tok += int(valid.sum())
+        for e in chunk:
+            n_bytes += len(tokenizer.decode(e[1:], skip_special_tokens=True).encode("utf-8"))
+    if n_tok == 0 or n_bytes == 0:
+        return {"bpb": float("nan"), "ppl": float("nan"), "tokens": 0, "bytes": 0}
+    return {
+        "bpb": nll / math.log(2) / n_bytes,
+        "ppl": math.exp(nll / n_tok),
+        "tokens": n_tok,
+        "bytes": n_bytes,
+    }
+
+
+def torch_logits_fn(model: Any):
+    @torch.no_grad()
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return fn
+
+
+def onnx_logits_fn(onnx_dir: Path):
+    from converter import ort
+
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(ort.onnx_logits(onnx_dir, ids, mask))
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------- sizes
+def param_counts(model: Any) -> dict[str, int]:
+    seen: set[int] = set()
+    total = nonzero = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return {"total": total, "nonzero": nonzero}
+
+
+def dir_bytes(path: Path | None, pattern: str = "*") -> int:
+    if path is None or not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def validate(
+    original: LoadedModel,
+    converted: LoadedModel,
+    token_map: list[int] | None,
+    calib: CalibrationResult,
+    cfg: ValidateConfig,
+    model_dir: Path,
+    onnx_dir: Path | None = None,
+    float_onnx_dir: Path | None = None,
+) -> ValidateResult:
+    res = ValidateResult()
+    m = res.metrics
+    targets = [d for d in calib.languages.values() if d.keep_vocab]
+
+    # --- tokenizer parity and round trip
+    m["tokenizer"] = {}
+    byte_old = byte_token_ids(original.tokenizer)
+    byte_new = byte_token_ids(converted.tokenizer)
+    parity_docs = 0
+    parity_same = 0
+    for d in calib.languages.values():
+        entry: dict[str, Any] = {"target": d.keep_vocab}
+        if d.keep_vocab:
+            p = tokenizer_parity(original.tokenizer, converted.tokenizer, token_map, d.heldout_docs)
+            entry["parity"] = p
+            parity_docs += p["docs"]
+            parity_same += p["identical"]
+        entry["round_trip"] = round_trip(original.tokenizer, converted.tokenizer, d.heldout_docs)
+        entry["before"] = tokens_per_char(original.tokenizer, d.heldout_docs, byte_old or None)
+        entry["after"] = tokens_per_char(converted.tokenizer, d.heldout_docs, byte_new or None)
+        m["tokenizer"][d.code] = entry
+    if parity_docs:
+        res.checks.append(
+            gate(
+                "tokenizer parity (held-out target text)",
+                parity_same / parity_docs,
+                ">=",
+                cfg.min_tokenizer_parity,
+                f"{parity_same}/{parity_docs} documents identical after the id remap",
+            )
+        )
+    rt_docs = sum(e["round_trip"]["docs"] for e in m["tokenizer"].values())
+    rt_ok = sum(e["round_trip"]["identical"] for e in m["tokenizer"].values())
+    if rt_docs:
+        res.checks.append(
+            gate("tokenizer round trip (all languages)", rt_ok / rt_docs, ">=", 1.0, f"{rt_ok}/{rt_docs} documents")
+        )
+
+    # --- quality per language
+    m["quality"] = {}
+    orig_fn = torch_logits_fn(original.model)
+    conv_fn = torch_logits_fn(converted.model)
+    art_fn = onnx_logits_fn(onnx_dir) if onnx_dir is not None else None
+    worst_increase = None
+    for d in calib.languages.values():
+        q = {
+            "original": score_texts(orig_fn, original.tokenizer, d.heldout_docs, cfg.eval_seq_len),
+            "converted": score_texts(conv_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len),
+        }
+        if art_fn is not None:
+            q["artifact"] = score_texts(art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len)
+        final = q.get("artifact", q["converted"])
+        q["bpb_increase"] = final["bpb"] / q["original"]["bpb"] - 1 if q["original"]["bpb"] else float("nan")
+        m["quality"][d.code] = q
+        if d.keep_vocab and (worst_increase is None or q["bpb_increase"] > worst_increase[1]):
+            worst_increase = (d.code, q["bpb_increase"])
+        log.info(
+            "quality %s: bpb %.3f -> %.3f (%+.1f%%)",
+            d.code,
+            q["original"]["bpb"],
+            final["bpb"],
+            100 * q["bpb_increase"],
+        )
+    if worst_increase is not None:
+        code, inc = worst_increase
+        detail = f"worst target language: {code}"
+        if cfg.max_bpb_increase is not None:
+            res.checks.append(gate("bits-per-byte increase", inc, "<=", cfg.max_bpb_increase, detail))
+        else:
+            res.checks.append(Check("bits-per-byte increase", inc, detail=detail + " (not gated)"))
+
+    # --- ONNX parity
+    if onnx_dir is not None:
+        from converter import ort
+
+        docs = [doc for d in targets for doc in d.heldout_docs[:4]]
+        ids_list = [
+            e[: cfg.eval_seq_len] for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"] if len(e) > 1
+        ]
+        max_diff = 0.0
+        agree = {"float": [0, 0], "artifact": [0, 0]}
+        float_dir = float_onnx_dir or onnx_dir
+        for e in ids_list:
+            ids = torch.tensor([e])
+            mask = torch.ones_like(ids)
+            ref = conv_fn(ids, mask).float()[0]
+            fl = torch.as_tensor(ort.onnx_logits(float_dir, ids, mask)).float()[0]
+            max_diff = max(max_diff, float((ref - fl).abs().max()))
+            agree["float"][0] += int((ref.argmax(-1) == fl.argmax(-1)).sum())
+            agree["float"][1] += len(e)
+            if float_dir != onnx_dir:
+                art = torch.as_tensor(ort.onnx_logits(onnx_dir, ids, mask)).float()[0]
+            else:
+                art = fl
+            agree["artifact"][0] += int((ref.argmax(-1) == art.argmax(-1)).sum())
+            agree["artifact"][1] += len(e)
+        top1_float = agree["float"][0] / max(1, agree["float"][1])
+        top1_art = agree["artifact"][0] / max(1, agree["artifact"][1])
+        m["onnx"] = {
+            "max_abs_logit_diff_float": max_diff,
+            "top1_agreement_float": top1_float,
+            "top1_agreement_artifact": top1_art,
+            "positions": agree["float"][1],
+            "quantized": float_dir != onnx_dir,
+        }
+        res.checks.append(
+            gate(
+                "ONNX float vs PyTorch max |Δlogit|",
+                max_diff,
+                "<=",
+                cfg.onnx_max_abs_logit_diff,
+                f"{len(ids_list)} held-out windows, {agree['float'][1]} positions",
+            )
+        )
+        res.checks.append(
+            gate(
+                "ONNX artifact vs PyTorch top-1 agreement",
+                top1_art,
+                ">=",
+                cfg.onnx_min_top1_agreement,
+                "int8 artifact" if float_dir != onnx_dir else "float artifact",
+            )
+        )
+        if cfg.greedy_tokens and ids_list:
+            prompt = torch.tensor([ids_list[0][:16]])
+            ref_tokens = ort.greedy_generate_torch(converted.model, prompt, cfg.greedy_tokens)
+            fl_tokens = ort.greedy_generate_onnx(float_dir, prompt, cfg.greedy_tokens)
+            same = sum(1 for a, b in zip(ref_tokens, fl_tokens) if a == b)
+            m["onnx"]["greedy"] = {
+                "torch": ref_tokens,
+                "onnx_float": fl_tokens,
+                "prompt_tokens": int(prompt.shape[1]),
+            }
+            if float_dir != onnx_dir:
+                art_tokens = ort.greedy_generate_onnx(onnx_dir, prompt, cfg.greedy_tokens)
+                m["onnx"]["greedy"]["onnx_artifact"] = art_tokens
+                m["onnx"]["greedy"]["artifact_matching_prefix"] = next(
+                    (i for i, (a, b) in enumerate(zip(ref_tokens, art_tokens)) if a != b), len(art_tokens)
+                )
+            res.checks.append(
+                gate(
+                    "ONNX float greedy tokens with KV cache identical",
+                    float(ref_tokens == fl_tokens),
+                    "==",
+                    1.0,
+                    f"{same}/{len(ref_tokens)} tokens equal",
+                )
+            )
+
+    # --- sizes
+    before = {"parameters": original.original_num_parameters}
+    before.update({"nonzero_parameters": param_counts(original.model)["nonzero"]})
+    before["vocab_size"] = original.original_vocab_size
+    before["checkpoint_bytes"] = dir_bytes(original.checkpoint_dir, "*.safetensors")
+    pc = param_counts(converted.model)
+    after = {
+        "parameters": pc["total"],
+        "nonzero_parameters": pc["nonzero"],
+        "vocab_size": len(converted.tokenizer),
+        "checkpoint_bytes": dir_bytes(model_dir, "*.safetensors"),
+        "onnx_bytes": dir_bytes(onnx_dir, "*.onnx*") if onnx_dir is not None else None,
+    }
+    m["size"] = {"before": before, "after": after}
+    res.checks.append(
+        Check(
+            "parameters after / before",
+            after["parameters"] / before["parameters"],
+            detail=f"{before['parameters']:,} -> {after['parameters']:,}",
+        )
+    )
+
+    # --- speed
+    if cfg.speed_prompts and targets:
+        from converter import ort
+
+        docs = [doc for d in targets for doc in d.heldout_docs][: cfg.speed_prompts]
+        p_orig = [torch.tensor([e[:32]]) for e in original.tokenizer(docs, add_special_tokens=True)["input_ids"]]
+        p_new = [torch.tensor([e[:32]]) for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"]]
+        speed = {"original_torch": ort.decode_speed_torch(original.model, p_orig, cfg.speed_new_tokens)}
+        if onnx_dir is not None:
+            speed["artifact_onnx"] = ort.decode_speed_onnx(onnx_dir, p_new, cfg.speed_new_tokens)
+            speed["ratio_tokens_per_s"] = speed["artifact_onnx"]["tokens_per_s"] / speed["original_torch"]["tokens_per_s"]
+            res.checks.append(
+                Check(
+                    "decode tokens/s artifact / original",
+                    speed["ratio_tokens_per_s"],
+                    detail=f"{speed['original_torch']['tokens_per_s']:.1f} -> {speed['artifact_onnx']['tokens_per_s']:.1f} tok/s",
+                )
+            )
+        speed["note"] = SPEED_NOTE
+        m["speed"] = speed
+    return res

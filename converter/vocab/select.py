@@ -1,0 +1,377 @@
+"""Which token ids to keep: a pure function of a tokenizer.json dict, token counts and target scripts.
+
+keep = corpus ∪ scripts ∪ keep_tokens ∪ always, then closed under BPE merges (see ``merge_closure``). Every
+policy reports how many ids it selected, and the closure reports how many it added on top.
+
+Vocabulary trimming by corpus frequency follows Abdaoui et al., "Load What You Need: Smaller Versions of
+Multilingual BERT" (2020) and Ushio et al., "An Efficient Multilingual Language Model Compression through
+Vocabulary Trimming" (2023); the merge closure is what makes it exact for BPE tokenizers.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import regex
+
+from converter.errors import ModelError, RecipeError
+from converter.languages import ScriptMatcher
+
+SUPPORTED_MODELS = ("BPE",)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte value -> the printable character that stands for it in the vocab."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _has_type(node: Any, type_name: str) -> bool:
+    """Does a tokenizer.json component (possibly a Sequence of them) contain a component of this type?"""
+    if isinstance(node, dict):
+        if node.get("type") == type_name:
+            return True
+        return any(_has_type(v, type_name) for v in node.values() if isinstance(v, (dict, list)))
+    if isinstance(node, list):
+        return any(_has_type(v, type_name) for v in node)
+    return False
+
+
+@dataclass
+class BPEView:
+    """The parts of a BPE tokenizer.json that selection needs, as ids."""
+
+    vocab: dict[str, int]  # model.vocab: token -> id
+    id_to_token: dict[int, str]  # model.vocab and added tokens
+    merges: list[tuple[int, int, int]]  # (left id, right id, result id), in rank order
+    byte_level: bool  # GPT-2 style byte alphabet (Qwen, Llama 3, GPT-2)
+    byte_fallback: bool  # SentencePiece style <0xXX> tokens (Gemma, Llama 2)
+    ignore_merges: bool  # a whole pre-token found in the vocab is emitted without merging (Llama 3)
+    added_ids: set[int]  # every added token (special or not)
+    special_ids: set[int]  # added tokens marked special, plus the model's unk token
+    byte_ids: set[int]  # the 256 <0xXX> tokens or the 256 byte-level alphabet symbols present
+    continuing_subword_prefix: str = ""
+
+    @property
+    def size(self) -> int:
+        return max(self.id_to_token) + 1 if self.id_to_token else 0
+
+    def base_symbol(self, token: str) -> bool:
+        """Can BPE start from this token without a merge? (one character: a code point or a byte symbol)"""
+        p = self.continuing_subword_prefix
+        if p and token.startswith(p) and len(token) > len(p):
+            token = token[len(p) :]
+        return len(token) == 1
+
+    def text_of(self, token: str) -> str | None:
+        """The text a token stands for, for script classification; None when it is not whole UTF-8 text."""
+        if self.byte_level:
+            try:
+                return bytes(_CHAR_TO_BYTE[c] for c in token).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                return None
+        p = self.continuing_subword_prefix
+        if p and token.startswith(p):
+            token = token[len(p) :]
+        return token.replace("\u2581", " ")
+
+    def surface_to_token(self, text: str) -> str:
+        """The vocab spelling of a piece of text (' 안녕' -> '▁안녕' or 'Ġìķĳëħķ')."""
+        if self.byte_level:
+            return "".join(_BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
+        return text.replace(" ", "\u2581")
+
+
+def parse_bpe(tj: Mapping[str, Any]) -> BPEView:
+    """Read a tokenizer.json dict. Raises ModelError naming the model type when it is not BPE."""
+    model = tj.get("model") or {}
+    mtype = model.get("type") or ("BPE" if "merges" in model else None)
+    if mtype not in SUPPORTED_MODELS:
+        raise ModelError(
+            f"vocabulary trimming supports tokenizer.json models of type {', '.join(SUPPORTED_MODELS)}; this "
+            f"tokenizer is '{mtype}'. Set vocab.enabled: false to convert without trimming."
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    id_to_token = {i: t for t, i in vocab.items()}
+    added_ids: set[int] = set()
+    special_ids: set[int] = set()
+    for a in tj.get("added_tokens") or []:
+        id_to_token.setdefault(a["id"], a["content"])
+        added_ids.add(a["id"])
+        if a.get("special"):
+            special_ids.add(a["id"])
+    unk = model.get("unk_token")
+    if unk is not None and unk in vocab:
+        special_ids.add(vocab[unk])
+
+    byte_level = _has_type(tj.get("pre_tokenizer"), "ByteLevel") or _has_type(tj.get("decoder"), "ByteLevel")
+    byte_fallback = bool(model.get("byte_fallback"))
+    byte_ids: set[int] = set()
+    if byte_level:
+        byte_ids |= {vocab[c] for c in _BYTE_TO_CHAR.values() if c in vocab}
+    if byte_fallback:
+        byte_ids |= {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+
+    prefix = model.get("continuing_subword_prefix") or ""
+    merges: list[tuple[int, int, int]] = []
+    for m in model.get("merges") or []:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        # tokenizers' BPE builds the merge result as a + b without b's continuing-subword prefix.
+        result = a + (b[len(prefix) :] if prefix and b.startswith(prefix) else b)
+        ia, ib, ir = vocab.get(a), vocab.get(b), vocab.get(result)
+        if ia is None or ib is None or ir is None:
+            raise ModelError(f"tokenizer.json merge {a!r} + {b!r} names a token missing from the vocabulary")
+        merges.append((ia, ib, ir))
+    return BPEView(
+        vocab=vocab,
+        id_to_token=id_to_token,
+        merges=merges,
+        byte_level=byte_level,
+        byte_fallback=byte_fallback,
+        ignore_merges=bool(model.get("ignore_merges")),
+        added_ids=added_ids,
+        special_ids=special_ids,
+        byte_ids=byte_ids,
+        continuing_subword_prefix=prefix,
+    )
+
+
+def merge_closure(kept: set[int], merges: Iterable[tuple[int, int, int]]) -> set[int]:
+    """Close ``kept`` under BPE merges: add both parts of every merge whose result is kept, until nothing changes.
+
+    Returns the ids the closure added (``kept`` itself is extended in place).
+
+    Why the trimmed tokenizer then gives identical tokens: the trimmed BPE keeps exactly the merges whose result
+    is kept, in their original order (so relative ranks are unchanged), and the closure guarantees both parts of
+    those merges are kept too. Take a text on which the original tokenizer produces only kept tokens. Every
+    intermediate symbol on the way is a node of the merge tree of some final token, so by closure it is kept, and
+    every merge applied is a merge with a kept result, so it exists in the trimmed tokenizer; the initial symbols
+    (characters, bytes) are leaves of those trees and so are kept as well. At each step the trimmed tokenizer's
+    candidate merges are a subset of the original's, with the same relative ranks, and the original's choice (the
+    lowest rank, leftmost) is among them, so it is the trimmed tokenizer's choice too. By induction both apply the
+    same merges in the same order and emit the same tokens; ids differ only by the monotonic token_map.
+    Texts that need dropped tokens still encode (via bytes or smaller pieces) and decode to the same text.
+    """
+    producers: dict[int, list[tuple[int, int]]] = {}
+    for a, b, r in merges:
+        producers.setdefault(r, []).append((a, b))
+    added: set[int] = set()
+    # A work list instead of repeated passes over 500k merges: each kept id expands its producers once.
+    stack = [t for t in kept if t in producers]
+    while stack:
+        t = stack.pop()
+        for a, b in producers.get(t, ()):
+            for part in (a, b):
+                if part not in kept:
+                    kept.add(part)
+                    added.add(part)
+                    if part in producers:
+                        stack.append(part)
+    return added
+
+
+_UNASSIGNED = regex.compile(r"\p{Cn}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _completions(tail: bytes) -> str | None:
+    """Every assigned character a truncated UTF-8 sequence can stand for ('\\xec\\x88' -> U+C200..U+C23F)."""
+    lead = tail[0]
+    length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 0
+    need = length - len(tail)
+    if length == 0 or need > 2:  # a lone 4-byte lead could be any of 2^18 code points: do not guess
+        return None
+    chars = []
+    for rest in itertools.product(range(0x80, 0xC0), repeat=need):
+        try:
+            ch = (tail + bytes(rest)).decode("utf-8")
+        except UnicodeDecodeError:  # overlong forms, surrogates
+            continue
+        if not _UNASSIGNED.match(ch):
+            chars.append(ch)
+    return "".join(chars) or None
+
+
+def classify_token(view: BPEView, token: str, matcher: ScriptMatcher) -> str | None:
+    """'script' (written in the target scripts), 'neutral' (only digits/punctuation/spaces) or None.
+
+    Byte-level tokens may hold pieces of characters. Leading continuation bytes (the end of a character that
+    began in an earlier token) are allowed but count as no letter; a truncated character at the end stands for
+    the set of characters it can complete to, and counts as a target letter only if all of those are allowed and
+    one is a target letter (e.g. 'ĠìĪ' = ' ' + the first two bytes of U+C200..U+C23F, all Hangul).
+    """
+    if not view.byte_level:
+        text = view.text_of(token)
+        if text is None:
+            return None
+        if matcher.matches(text):
+            return "script"
+        return "neutral" if matcher.neutral(text) else None
+    try:
+        raw = bytes(_CHAR_TO_BYTE[c] for c in token)
+    except KeyError:
+        return None
+    k = 0
+    while k < len(raw) and 0x80 <= raw[k] < 0xC0:
+        k += 1
+    body = raw[k:]
+    j = len(body) - 1
+    while j >= 0 and 0x80 <= body[j] < 0xC0:
+        j -= 1
+    core, tail = body, b""
+    if j >= 0:
+        lead = body[j]
+        length = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if len(body) - j < length:
+            core, tail = body[:j], body[j:]
+    try:
+        text = core.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not tail:
+        if matcher.matches(text):
+            return "script"
+        return "neutral" if k == 0 and matcher.neutral(text) else None
+    tail_chars = _completions(tail)
+    if tail_chars is None or not matcher.allowed(text) or not matcher.allowed(tail_chars):
+        return None
+    return "script" if matcher.has_letter(text) or matcher.has_letter(tail_chars) else None
+
+
+@dataclass
+class Selection:
+    """Kept ids and where they came from."""
+
+    kept: list[int]  # sorted old ids
+    vocab_before: int
+    policies: dict[str, int]  # policy -> ids it selected (policies overlap)
+    closure_added: int  # ids only the merge closure brought in
+    scripts: list[str] = field(default_factory=list)
+    merges_before: int = 0
+    merges_after: int = 0
+
+    @property
+    def vocab_after(self) -> int:
+        return len(self.kept)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "vocab_before": self.vocab_before,
+            "vocab_after": self.vocab_after,
+            "policies": dict(self.policies),
+            "closure_added": self.closure_added,
+            "scripts": list(self.scripts),
+            "merges_before": self.merges_before,
+            "merges_after": self.merges_after,
+        }
+
+
+def select_ids(
+    tj: Mapping[str, Any],
+    counts: Mapping[int, int] | Iterable[Mapping[int, int]],
+    scripts: Iterable[str] = (),
+    *,
+    min_count: int = 1,
+    keep_tokens: Iterable[str] = (),
+    extra_ids: Iterable[int] = (),
+    view: BPEView | None = None,
+) -> Selection:
+    """Choose the ids to keep.
+
+    tj: the tokenizer.json dict. counts: original id -> count, or several such counters (summed).
+    scripts: Unicode script names whose tokens are kept whole. keep_tokens: token strings (vocab spelling, or
+    plain text such as ' hello'). extra_ids: ids that must survive (the model config's bos/eos/pad ids).
+    """
+    view = view or parse_bpe(tj)
+    size = view.size
+    known = view.id_to_token
+
+    total: Counter = Counter()
+    if isinstance(counts, Mapping):
+        total.update(counts)
+    else:
+        for c in counts:
+            total.update(c)
+
+    # (a) corpus: ids seen often enough in the target-language text.
+    corpus = {i for i, n in total.items() if n >= min_count and i in known}
+
+    # (b) scripts: tokens whose text is written in the target scripts (plus Common/Inherited), and the
+    # language-neutral tokens made only of Common/Inherited characters (reported as "neutral").
+    matcher = ScriptMatcher(scripts)
+    script_ids: set[int] = set()
+    neutral_ids: set[int] = set()
+    if matcher.scripts:
+        merge_results = {r for _, _, r in view.merges}
+        for tok, i in view.vocab.items():
+            if i in view.added_ids:
+                continue
+            # A token no merge produces and that is not a base symbol can never be emitted (unless ignore_merges
+            # lets a whole pre-token through): keeping it would only waste a row.
+            if not (view.ignore_merges or i in merge_results or view.base_symbol(tok)):
+                continue
+            kind = classify_token(view, tok, matcher)
+            if kind == "script":
+                script_ids.add(i)
+            elif kind == "neutral":
+                # Digits, punctuation and spaces belong to every language: without them a target-language
+                # text with an unseen run like '?!' or '..."' would tokenize differently.
+                neutral_ids.add(i)
+
+    # (c) explicit keep_tokens.
+    keep_ids: set[int] = set()
+    content_to_id = {t: i for i, t in known.items()}
+    for s in keep_tokens:
+        i = content_to_id.get(s)
+        if i is None:
+            i = content_to_id.get(view.surface_to_token(s))
+        if i is None:
+            raise RecipeError(
+                f"vocab.keep_tokens entry {s!r} is not a token of this tokenizer; list a token as the vocabulary "
+                "spells it or remove the entry"
+            )
+        keep_ids.add(i)
+
+    # (d) always: specials, every added token, byte tokens / byte alphabet, ids the model config names.
+    extra = set(extra_ids)
+    missing = sorted(i for i in extra if i not in known)
+    if missing:
+        raise ModelError(f"the model config names token ids {missing} that the tokenizer does not have")
+    always = view.special_ids | view.added_ids | view.byte_ids | extra
+
+    kept = corpus | script_ids | neutral_ids | keep_ids | always
+    # (e) closure under merges.
+    added = merge_closure(kept, view.merges)
+    merges_after = sum(1 for _, _, r in view.merges if r in kept)
+    return Selection(
+        kept=sorted(kept),
+        vocab_before=size,
+        policies={
+            "corpus": len(corpus),
+            "scripts": len(script_ids),
+            "neutral": len(neutral_ids),
+            "keep_tokens": len(keep_ids),
+            "always": len(always),
+        },
+        closure_added=len(added),
+        scripts=list(matcher.scripts),
+        merges_before=len(view.merges),
+        merges_after=merges_after,
+    )

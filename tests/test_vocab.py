@@ -1,0 +1,455 @@
+"""Vocabulary trimming: hand-worked BPE selection/closure/rebuild, slicing, and parity on real tokenizers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from converter.arch import Arch
+from converter.calibrate import CalibrationResult, LanguageData
+from converter.errors import ModelError, RecipeError
+from converter.languages import ScriptMatcher, language_scripts, script_name, token_scripts
+from converter.load import LoadedModel
+from converter.recipe import VocabConfig
+from converter.vocab import VocabResult, trim_tokenizer, trim_tokenizer_json, trim_vocab
+from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
+from converter.vocab.select import classify_token, merge_closure, parse_bpe, select_ids
+from converter.vocab.slice import slice_model
+from tests.conftest import CORPORA, TOKENIZERS, require_shared, tiny_model
+
+NTREX = CORPORA / "ntrex128"
+LANG_FILES = {
+    "en": "eng-US",
+    "ko": "kor",
+    "uk": "ukr",
+    "ru": "rus",
+    "ja": "jpn",
+    "zh": "zho-CN",
+    "de": "deu",
+    "fr": "fra",
+    "es": "spa",
+    "ar": "arb",
+    "hi": "hin",
+    "pl": "pol",
+}
+N_COUNT = 1700  # first lines give the counts, the rest is held out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-worked tiny BPE
+
+
+def _tiny_tj(pair_merges: bool = False) -> dict:
+    """A whitespace-split BPE with a template post-processor. Merge ranks: a+b, ab+c, b+c, c+d, x+y."""
+    vocab = {"<unk>": 0, "<s>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "ab": 6, "abc": 7, "bc": 8, "cd": 9}
+    vocab.update({"x": 10, "y": 11, "xy": 12})
+    merges = [("a", "b"), ("ab", "c"), ("b", "c"), ("c", "d"), ("x", "y")]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for t, i in (("<unk>", 0), ("<s>", 1))
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<s>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+        },
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [list(m) for m in merges] if pair_merges else [f"{a} {b}" for a, b in merges],
+        },
+    }
+
+
+def test_closure_adds_both_parts_transitively():
+    # merges as (left, right, result) ids: a+b->ab, ab+c->abc, b+c->bc, c+d->cd
+    merges = [(2, 3, 6), (6, 4, 7), (3, 4, 8), (4, 5, 9)]
+    kept = {7}
+    added = merge_closure(kept, merges)
+    assert added == {6, 4, 2, 3}
+    assert kept == {2, 3, 4, 6, 7}
+    kept = {8, 9}
+    assert merge_closure(kept, merges) == {3, 4, 5}
+
+
+@pytest.mark.parametrize("pair_merges", [False, True])
+def test_select_and_rebuild_hand_worked(pair_merges):
+    tj = _tiny_tj(pair_merges)
+    sel = select_ids(tj, [Counter({7: 3, 12: 1}), Counter({9: 1})], min_count=2)
+    # corpus keeps abc (count 3); xy (1) and cd (1) fall below min_count; always: <unk>, <s>; closure: ab, a, b, c
+    assert sel.policies == {"corpus": 1, "scripts": 0, "neutral": 0, "keep_tokens": 0, "always": 2}
+    assert sel.closure_added == 4
+    assert sel.kept == [0, 1, 2, 3, 4, 6, 7]
+    assert (sel.merges_before, sel.merges_after) == (5, 2)
+
+    new, token_map = rebuild_tokenizer_json(tj, sel.kept)
+    assert token_map == [0, 1, 2, 3, 4, 6, 7]
+    assert new["model"]["vocab"] == {"<unk>": 0, "<s>": 1, "a": 2, "b": 3, "c": 4, "ab": 5, "abc": 6}
+    expected_merges = [["a", "b"], ["ab", "c"]] if pair_merges else ["a b", "ab c"]
+    assert new["model"]["merges"] == expected_merges
+    assert [a["id"] for a in new["added_tokens"]] == [0, 1]
+    assert new["post_processor"]["special_tokens"]["<s>"]["ids"] == [1]
+    assert list(new) == list(tj)  # same key order, everything else untouched
+    assert new["pre_tokenizer"] == tj["pre_tokenizer"] and new["model"]["unk_token"] == "<unk>"
+
+    old, trimmed = Tokenizer.from_str(json.dumps(tj)), Tokenizer.from_str(json.dumps(new))
+    enc = trimmed.encode("abc ab cab")
+    assert [token_map[i] for i in enc.ids] == old.encode("abc ab cab").ids
+    assert enc.tokens == ["<s>", "abc", "ab", "c", "ab"]
+    assert trimmed.encode("bc").tokens == ["<s>", "b", "c"]  # b+c was dropped with bc
+    assert trimmed.encode("xd").tokens == ["<s>", "<unk>", "<unk>"]
+
+
+def test_post_processor_ids_follow_the_new_numbering():
+    tj = _tiny_tj()
+    tj["added_tokens"].append(
+        {
+            "id": 13,
+            "content": "</s>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    tj["post_processor"]["special_tokens"]["</s>"] = {"id": "</s>", "ids": [13], "tokens": ["</s>"]}
+    sel = select_ids(tj, Counter({12: 1}))
+    new, token_map = rebuild_tokenizer_json(tj, sel.kept)
+    assert token_map == [0, 1, 10, 11, 12, 13]
+    assert new["post_processor"]["special_tokens"]["</s>"]["ids"] == [5]
+    assert new["added_tokens"][-1]["id"] == 5
+    cfg = {"added_tokens_decoder": {"0": {"content": "<unk>"}, "13": {"content": "</s>"}}, "bos_token": "<s>"}
+    assert rebuild_tokenizer_config(cfg, token_map)["added_tokens_decoder"] == {
+        "0": {"content": "<unk>"},
+        "5": {"content": "</s>"},
+    }
+    with pytest.raises(ModelError, match="does not keep"):
+        rebuild_tokenizer_json(tj, [0, 10, 11, 12, 13])  # <s> dropped although the template needs it
+
+
+def test_keep_tokens_and_extra_ids():
+    tj = _tiny_tj()
+    sel = select_ids(tj, Counter(), keep_tokens=["cd"], extra_ids=[12])
+    assert sel.policies["keep_tokens"] == 1
+    assert sel.kept == [0, 1, 4, 5, 9, 10, 11, 12]
+    with pytest.raises(RecipeError, match="keep_tokens"):
+        select_ids(tj, Counter(), keep_tokens=["zz"])
+    with pytest.raises(ModelError, match="99"):
+        select_ids(tj, Counter(), extra_ids=[99])
+
+
+def test_scripts_policy_on_sentencepiece_vocab():
+    tj = _tiny_tj()
+    extra = ["한", "국", "▁한국", "▁the", "12", "?!", "Ж", "한a", "▁Жa"]
+    base = len(tj["model"]["vocab"])
+    for k, t in enumerate(extra):
+        tj["model"]["vocab"][t] = base + k
+    # ▁ + 한국 makes ▁한국 reachable; the other multi-character additions are made by no merge
+    tj["model"]["merges"].append("▁ 한국")
+    tj["model"]["vocab"]["▁"] = base + len(extra)
+    tj["model"]["vocab"]["한국"] = base + len(extra) + 1
+    tj["model"]["merges"].append("한 국")
+    v = parse_bpe(tj)
+    got = {t for t, i in v.vocab.items() if i in set(select_ids(tj, Counter(), ["Hangul"]).kept)}
+    # Hangul letters; ▁ is a space (neutral); "12", "?!", "한a" are unreachable (no merge makes them) so dropped.
+    assert got == {"<unk>", "<s>", "한", "국", "한국", "▁한국", "▁"}
+
+
+def test_classify_byte_level_fragments():
+    require_shared()
+    tj = json.loads((TOKENIZERS / "gpt2" / "tokenizer.json").read_text())
+    view = parse_bpe(tj)
+    hangul = ScriptMatcher(["Hangul"])
+    assert view.byte_level and len(view.byte_ids) == 256
+    assert classify_token(view, "ĠìĪ", hangul) == "script"  # ' ' + the first 2 bytes of U+C200..U+C23F
+    assert classify_token(view, "«ìŀĲ", hangul) == "script"  # orphan tail byte + '자'
+    assert classify_token(view, "ĠÐŀ", hangul) is None  # ' О' (Cyrillic)
+    assert classify_token(view, "?!", hangul) == "neutral"
+    assert classify_token(view, "«", hangul) is None
+
+
+def test_languages_and_scripts():
+    assert language_scripts("ko") == ["Hangul"]  # Han is opt-in for Korean via vocab.extra_scripts
+    assert language_scripts("en") == ["Latin"]
+    assert language_scripts("ja") == ["Han", "Hiragana", "Katakana"]
+    assert language_scripts("uk") == ["Cyrillic"]
+    assert script_name("hang") == "Hangul" and script_name("Hani") == "Han"
+    assert token_scripts("한국어 text, 漢字!") == {"Hangul", "Common", "Latin", "Han"}
+    with pytest.raises(RecipeError, match="not a Unicode script"):
+        script_name("Klingonish")
+
+
+def test_unsupported_tokenizer_models_fail_clearly():
+    unigram = {"model": {"type": "Unigram", "vocab": [["a", 0.0]]}, "added_tokens": []}
+    with pytest.raises(ModelError, match="'Unigram'"):
+        select_ids(unigram, Counter())
+    with pytest.raises(ModelError, match="'WordPiece'"):
+        parse_bpe({"model": {"type": "WordPiece", "vocab": {"a": 0}}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slicing
+
+
+@pytest.mark.parametrize(
+    "model_type,tie,padding",
+    [("gemma3_text", True, 0), ("qwen2", False, 0), ("qwen2", True, 9), ("gemma3_text", False, 5)],
+)
+def test_slice_model_keeps_logits_at_kept_ids(model_type, tie, padding):
+    vocab = 64
+    model = tiny_model(model_type, vocab_size=vocab + padding, tie=tie, seed=1)
+    arch = Arch.of(model)
+    assert arch.is_tied() == tie
+    token_map = [0, 1, 2, 5, 8, 13, 21, 34, 40, 55, 63]
+    ids = torch.tensor([[2, 13, 5, 40, 63, 8, 0, 21]])
+    with torch.no_grad():
+        before = model(ids).logits[..., token_map]
+    old_to_new = {o: n for n, o in enumerate(token_map)}
+    stats = slice_model(model, arch, token_map)
+    new_ids = ids.apply_(lambda i: old_to_new[i])
+    with torch.no_grad():
+        after = model(new_ids).logits
+    assert after.shape[-1] == len(token_map)
+    assert torch.allclose(before, after, rtol=0, atol=0)
+    assert arch.is_tied() == tie
+    assert type(arch.input_embeddings()).__name__ == type(model.model.embed_tokens).__name__
+    assert arch.input_embeddings().num_embeddings == len(token_map) == model.config.vocab_size
+    assert (stats.rows_before, stats.rows_after) == (vocab + padding, len(token_map))
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (2, 1, 0)
+    assert model.generation_config.bos_token_id == 2
+
+
+def test_slice_model_gathers_lm_head_bias():
+    model = tiny_model("qwen2", vocab_size=24, tie=False, seed=2)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(24))
+    ids = torch.tensor([[2, 5, 1, 0, 9]])
+    token_map = [0, 1, 2, 5, 9, 23]
+    with torch.no_grad():
+        before = model(ids).logits[..., token_map]
+    slice_model(model, Arch.of(model), token_map)
+    with torch.no_grad():
+        after = model(torch.tensor([[2, 3, 1, 0, 4]])).logits
+    assert model.lm_head.bias.shape == (6,) and model.lm_head.out_features == 6
+    assert torch.equal(before, after)
+
+
+def test_slice_model_remaps_config_ids_and_rejects_dropped_ones():
+    model = tiny_model("qwen2", vocab_size=32, tie=False)
+    model.config.eos_token_id = [1, 30]
+    model.generation_config.eos_token_id = [1, 30]
+    slice_model(model, Arch.of(model), [0, 1, 2, 7, 30])
+    assert model.config.eos_token_id == [1, 4] and model.generation_config.eos_token_id == [1, 4]
+    model = tiny_model("qwen2", vocab_size=32, tie=False)
+    with pytest.raises(ModelError, match="bos_token_id"):
+        slice_model(model, Arch.of(model), [0, 1, 3])
+    assert model.model.embed_tokens.num_embeddings == 32  # a failed slice leaves the model as it was
+    with pytest.raises(ModelError, match="embedding has only 32 rows"):
+        slice_model(model, Arch.of(model), [0, 1, 2, 40])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real tokenizers (Gemma 3: SentencePiece-style BPE with byte fallback; Qwen2.5: byte-level BPE, padded rows)
+
+
+def _lines(lang: str) -> list[str]:
+    return (NTREX / f"newstest2019-ref.{LANG_FILES[lang]}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def _calibration(tokenizer, langs=("ko", "en")) -> CalibrationResult:
+    languages = {}
+    for code in langs:
+        docs = _lines(code)
+        counts: Counter = Counter()
+        for ids in tokenizer(docs[:N_COUNT], add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+        languages[code] = LanguageData(
+            code=code,
+            scripts=language_scripts(code),
+            calib_docs=docs[:N_COUNT],
+            heldout_docs=docs[N_COUNT:],
+            token_counts=counts,
+        )
+    return CalibrationResult(languages=languages, windows=torch.zeros(0, 8, dtype=torch.long))
+
+
+@pytest.fixture(scope="module", params=["gemma3", "qwen2.5"])
+def trimmed(request):
+    """Trim a real tokenizer (and a tiny model of its vocabulary size) for ko+en, once per tokenizer."""
+    require_shared()
+    from transformers import AutoTokenizer
+
+    name = request.param
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / name)
+    if name == "gemma3":  # tied head, as many rows as tokens
+        model = tiny_model("gemma3_text", vocab_size=len(tok), tie=True)
+    else:  # untied head and padding rows (Qwen: 151,936 rows for 151,665 tokens)
+        model = tiny_model("qwen2", vocab_size=151_936, tie=False)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tok,
+        original_tokenizer=tok,
+        arch=Arch.of(model),
+        source=name,
+        checkpoint_dir=None,
+        tokenizer_dir=TOKENIZERS / name,
+    )
+    calib = _calibration(tok)
+    probe = tok(_lines("ko")[N_COUNT] + " " + _lines("en")[N_COUNT], return_tensors="pt")["input_ids"][:, :48]
+    with torch.no_grad():
+        logits_before = model(probe).logits
+    result = trim_vocab(loaded, calib, VocabConfig())
+    print(f"\n{name}: {result.headline} in {result.seconds:.1f}s; policies {result.policies}")
+    return SimpleNamespace(
+        name=name, orig=tok, loaded=loaded, result=result, probe=probe, logits_before=logits_before
+    )
+
+
+def test_trimmed_ids_match_original_on_heldout_korean_and_english(trimmed):
+    tm, orig, new = trimmed.result.token_map, trimmed.orig, trimmed.loaded.tokenizer
+    assert trimmed.result.vocab_after < trimmed.result.vocab_before
+    for lang in ("ko", "en"):
+        held = _lines(lang)[N_COUNT:]
+        want = orig(held)["input_ids"]
+        got = new(held)["input_ids"]
+        bad = [s for s, w, g in zip(held, want, got, strict=True) if [tm[i] for i in g] != w]
+        assert not bad, f"{len(bad)}/{len(held)} held-out {lang} lines tokenize differently, e.g. {bad[0]!r}"
+
+
+def test_roundtrip_text_in_all_languages(trimmed):
+    orig, new = trimmed.orig, trimmed.loaded.tokenizer
+    for lang in LANG_FILES:
+        held = _lines(lang)[N_COUNT : N_COUNT + 100]
+        want = orig.batch_decode(orig(held)["input_ids"], skip_special_tokens=True)
+        got = new.batch_decode(new(held)["input_ids"], skip_special_tokens=True)
+        assert got == want, lang
+    if trimmed.name == "gemma3":  # Cyrillic words are gone: Russian falls back to <0xXX> byte tokens
+        assert any(t.startswith("<0x") for t in new.tokenize(_lines("ru")[N_COUNT]))
+
+
+def test_every_kept_token_is_reachable(trimmed):
+    tj = json.loads(trimmed.loaded.tokenizer.backend_tokenizer.to_str())
+    view = parse_bpe(tj)
+    assert view.size == trimmed.result.vocab_after
+    merge_results = {r for _, _, r in view.merges}
+    vocab_parts = {a for a, _, _ in view.merges} | {b for _, b, _ in view.merges}
+    assert vocab_parts <= set(view.id_to_token)
+    unreachable = [
+        t
+        for t, i in view.vocab.items()
+        if i not in view.added_ids
+        and i not in view.byte_ids
+        and len(t) > 1
+        and i not in merge_results
+        and not view.base_symbol(t)
+    ]
+    assert not unreachable, unreachable[:10]
+
+
+def test_tokenizer_settings_and_model_ids_survive(trimmed):
+    orig, new, tm = trimmed.orig, trimmed.loaded.tokenizer, trimmed.result.token_map
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(new, attr) == getattr(orig, attr), attr
+        old_id = getattr(orig, attr + "_id")
+        if old_id is not None:
+            assert tm[getattr(new, attr + "_id")] == old_id, attr
+    assert new.chat_template == orig.chat_template
+    assert (new.padding_side, new.model_max_length) == (orig.padding_side, orig.model_max_length)
+    assert len(new) == trimmed.result.vocab_after
+    cfg = trimmed.loaded.model.config
+    assert cfg.vocab_size == trimmed.result.vocab_after
+    assert [tm[cfg.bos_token_id], tm[cfg.eos_token_id], tm[cfg.pad_token_id]] == [2, 1, 0]
+    if trimmed.name == "gemma3":
+        assert new("안녕")["input_ids"][0] == new.bos_token_id  # the <bos> template survived renumbering
+
+
+def test_logits_parity_after_slicing(trimmed):
+    tm = trimmed.result.token_map
+    old_to_new = {o: n for n, o in enumerate(tm)}
+    new_ids = trimmed.probe.clone().apply_(lambda i: old_to_new[i])
+    model = trimmed.loaded.model
+    with torch.no_grad():
+        after = model(new_ids).logits
+    assert torch.allclose(trimmed.logits_before[..., tm], after, rtol=0, atol=0)
+    assert trimmed.loaded.arch.is_tied() == (trimmed.name == "gemma3")
+    assert trimmed.result.model_rows_before == (262_144 if trimmed.name == "gemma3" else 151_936)
+
+
+def test_result_summary_and_token_map_file(trimmed, tmp_path):
+    r = trimmed.result
+    s = json.loads(json.dumps(r.summary()))
+    assert s["headline"].startswith(f"vocab {r.vocab_before} -> {r.vocab_after} (")
+    assert s["embedding_params_after"] < s["embedding_params_before"]
+    assert set(s["policies"]) == {"corpus", "scripts", "neutral", "keep_tokens", "always"}
+    data = json.loads(r.write_token_map(tmp_path / "token_map.json").read_text())
+    assert data["new_to_old"] == r.token_map and data["vocab_after"] == len(r.token_map)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer-only entry point and the disabled stage
+
+
+def test_trim_tokenizer_writes_a_loadable_directory(tmp_path):
+    require_shared()
+    from transformers import AutoTokenizer
+
+    src = TOKENIZERS / "gpt2"
+    orig = AutoTokenizer.from_pretrained(src)
+    en = _lines("en")
+    counts = Counter(i for ids in orig(en[:N_COUNT])["input_ids"] for i in ids)
+    out = tmp_path / "tok"
+    tj, token_map, stats = trim_tokenizer(src, counts, [], VocabConfig(keep_scripts=False), out_dir=out)
+    assert stats.policies["scripts"] == 0 and stats.vocab_after == len(token_map) < 50_257
+    new = AutoTokenizer.from_pretrained(out)
+    assert len(new) == len(token_map) and new.eos_token == "<|endoftext|>"
+    assert token_map[new.eos_token_id] == orig.eos_token_id
+    held = en[N_COUNT:]
+    assert new.batch_decode(new(held)["input_ids"]) == orig.batch_decode(orig(held)["input_ids"])
+    assert json.loads((out / "token_map.json").read_text())["new_to_old"] == token_map
+    # the same core, on the dict
+    again = trim_tokenizer_json(json.loads((src / "tokenizer.json").read_text()), counts, [], VocabConfig())
+    assert again.token_map == token_map
+
+
+def test_disabled_stage_is_identity():
+    model = tiny_model("qwen2", vocab_size=40, tie=True)
+    tok = ["t"] * 37  # anything with a length
+    loaded = SimpleNamespace(model=model, tokenizer=tok, arch=Arch.of(model))
+    before = copy.deepcopy(model.state_dict())
+    r = trim_vocab(loaded, None, VocabConfig(enabled=False))
+    assert isinstance(r, VocabResult) and not r.enabled and not r.trimmed
+    assert r.token_map == list(range(37)) and r.headline == "vocab 37 kept (trimming disabled)"
+    assert loaded.tokenizer is tok
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
