@@ -29,6 +29,7 @@ class LanguageData:
     token_counts: Counter  # original-tokenizer id -> count over calib_docs
     calibrate: bool = True
     keep_vocab: bool = True
+    script_tokens: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -190,6 +191,7 @@ def calibrate(
             token_counts=counts,
             calibrate=lang.calibrate,
             keep_vocab=lang.keep_vocab,
+            script_tokens=lang.script_tokens,
         )
         log.info(
             "%s: %d calibration docs (%d tokens), %d held-out docs",

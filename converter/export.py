@@ -110,7 +110,7 @@ def export_onnx(model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Pa
             quant_info = _quantize_int8(float_dir / ONNX_NAME, tmp / ONNX_NAME, work_dir)
             for p in float_dir.iterdir():
                 if p.is_file() and ".onnx" not in p.name:
-                    shutil.copy2(p, tmp / p.name)
+                    shutil.copyfile(p, tmp / p.name)
 
     shipped = onnx_bytes(onnx_dir)
     result = ExportResult(
@@ -165,6 +165,7 @@ class _staging:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
+        self.tmp.chmod(0o755)  # mkdtemp makes it 0700; the release is meant to be shared
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -183,7 +184,7 @@ def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
             continue
         if p.name in _OPTIMUM_OWNED and (out_dir / p.name).exists():
             continue
-        shutil.copy2(p, out_dir / p.name)
+        shutil.copyfile(p, out_dir / p.name)
 
 
 def _short(exc: BaseException) -> str:

@@ -61,6 +61,12 @@ def run_validation(recipe: Recipe, converted: LoadedModel, vocab: VocabResult, c
         model_dir,
         onnx_dir=export.onnx_dir if export else None,
         float_onnx_dir=export.float_dir if export else None,
+        parity_gated={
+            lang.code
+            for lang in recipe.languages
+            if lang.keep_vocab
+            and (not recipe.vocab.enabled or (recipe.vocab.keep_scripts and lang.script_tokens))
+        },
     )
 
 

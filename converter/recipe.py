@@ -72,6 +72,13 @@ class LanguageSpec(_Strict):
         description="Draw pruning calibration windows from this language. Set false for a language that is only "
         "kept in the vocabulary and evaluated (e.g. a control language).",
     )
+    script_tokens: bool = Field(
+        default=True,
+        description="With vocab.keep_scripts, keep every token written in this language's scripts, which "
+        "guarantees identical tokenization of unseen text (gated by validate.min_tokenizer_parity). Set false for "
+        "a language sharing a large script (e.g. English in Latin) to keep only the tokens its corpus uses; its "
+        "parity is then reported, not gated.",
+    )
     keep_vocab: bool = Field(
         default=True,
         description="Keep this language's tokens (corpus and script policies). Set false for a control language "

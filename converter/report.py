@@ -118,6 +118,8 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
         for code, t in tok.items():
             par = t.get("parity")
             par_s = f"{par['identical']}/{par['docs']}" if par else "—"
+            if par and not par.get("gated", True):
+                par_s += " (corpus tokens only; not gated)"
             rt = t["round_trip"]
             out.append(
                 f"| {code} | {'yes' if t['target'] else 'control'} | {par_s} | {rt['identical']}/{rt['docs']} | "

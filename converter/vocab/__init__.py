@@ -251,6 +251,8 @@ def trim_vocab(
     scripts: list[str] = []
     if cfg.keep_scripts:
         for d in kept_langs:
+            if not getattr(d, "script_tokens", True):
+                continue
             scripts.extend(d.scripts or language_scripts(d.code))
     log.info("trim_vocab: start (%d tokens, languages %s)", len(tok), ", ".join(d.code for d in kept_langs))
 

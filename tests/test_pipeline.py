@@ -1,0 +1,177 @@
+"""End to end on a tiny Gemma 3 model with the real Gemma 3 tokenizer and real corpora, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import CORPORA, TOKENIZERS, require_shared, tiny_model
+
+from converter.cli import main
+from converter.manifest import sha256_file
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    require_shared()
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-gemma3"
+    model = tiny_model("gemma3_text", vocab_size=262_144, tie=True)
+    model.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / "gemma3" / f, d / f)
+    return d
+
+
+def tiny_recipe(tmp: Path, ckpt: Path, **over) -> Path:
+    ntrex = CORPORA / "ntrex128"
+    recipe = {
+        "name": "tiny-ko",
+        "model": {"source": str(ckpt)},
+        "languages": [
+            {"code": "ko", "weight": 3, "sources": [str(ntrex / "newstest2019-ref.kor.txt")]},
+            {"code": "en", "script_tokens": False, "sources": [str(ntrex / "newstest2019-ref.eng-US.txt")]},
+            {"code": "uk", "calibrate": False, "keep_vocab": False, "sources": [str(ntrex / "newstest2019-ref.ukr.txt")]},
+        ],
+        "calibration": {"num_samples": 8, "seq_len": 32, "max_heldout_docs": 12},
+        "prune": {"method": "wanda", "sparsity": 0.5, "batch_size": 4},
+        "vocab": {"min_count": 1},
+        "export": {"quantize": "none"},
+        "validate": {"greedy_tokens": 8, "speed_prompts": 1, "speed_new_tokens": 4, "eval_seq_len": 48},
+        "output": {"dir": str(tmp / "dist")},
+    }
+    for key, value in over.items():
+        recipe[key] = value
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(tiny_ckpt, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = tiny_recipe(tmp, tiny_ckpt)
+    result = CliRunner().invoke(main, [str(recipe)], catch_exceptions=False)
+    return tmp, recipe, result
+
+
+def test_run_writes_complete_release(release):
+    tmp, _, result = release
+    assert result.exit_code == 0, result.output
+    out = tmp / "dist" / "tiny-ko"
+    for rel in (
+        "model/model.safetensors",
+        "model/config.json",
+        "model/generation_config.json",
+        "model/tokenizer.json",
+        "model/tokenizer_config.json",
+        "model/token_map.json",
+        "onnx/model.onnx",
+        "report.md",
+        "report.json",
+        "manifest.json",
+    ):
+        assert (out / rel).is_file(), rel
+    assert not any(p.name.startswith(".tiny-ko") for p in (tmp / "dist").iterdir())  # no temp dir left
+    assert not (tmp / "dist" / "tiny-ko.failed").exists()
+
+
+def test_manifest_records_stages_versions_and_checksums(release):
+    tmp, _, _ = release
+    out = tmp / "dist" / "tiny-ko"
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "ok"
+    assert list(man["stages"]) == ["load", "calibrate", "prune", "trim_vocab", "save", "export", "validate"]
+    assert all(s["status"] == "ok" and s["seconds"] >= 0 for s in man["stages"].values())
+    assert len(man["recipe_sha256"]) == 64 and man["recipe"]["name"] == "tiny-ko"
+    assert {"torch", "transformers", "onnxruntime"} <= set(man["versions"])
+    assert man["files"], "no files recorded"
+    for rel, info in man["files"].items():
+        assert sha256_file(out / rel) == info["sha256"], rel
+        assert (out / rel).stat().st_size == info["bytes"]
+
+
+def test_vocab_trimmed_and_token_map_consistent(release):
+    tmp, _, _ = release
+    out = tmp / "dist" / "tiny-ko"
+    tm = json.loads((out / "model" / "token_map.json").read_text())["new_to_old"]
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["vocab_size"] == len(tm) < 262_144
+    assert tm == sorted(tm) and len(set(tm)) == len(tm)
+    assert cfg["bos_token_id"] == tm.index(2) and cfg["eos_token_id"] == tm.index(1)
+
+
+def test_gates_and_report(release):
+    tmp, _, result = release
+    out = tmp / "dist" / "tiny-ko"
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["status"] == "ok" and rep["failed_gates"] == []
+    names = {c["name"]: c for c in rep["checks"]}
+    assert names["tokenizer parity (held-out target text)"]["value"] == 1.0
+    assert names["tokenizer round trip (all languages)"]["value"] == 1.0
+    assert names["ONNX float vs PyTorch max |Δlogit|"]["value"] < 1e-3
+    assert rep["tokenizer"]["en"]["parity"]["gated"] is False
+    assert rep["prune"]["measured_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert set(rep["quality"]) == {"ko", "en", "uk"}
+    md = (out / "report.md").read_text()
+    for section in ("## Checks", "## Size", "## Quality on held-out text", "## Tokenizer", "## ONNX parity", "## Speed"):
+        assert section in md
+    assert "✓" in result.output and "release written to" in result.output
+
+
+def test_onnx_loads_in_optimum_and_generates(release):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tmp, _, _ = release
+    onnx_dir = tmp / "dist" / "tiny-ko" / "onnx"
+    model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    ids = tok("대한민국 헌법", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_same_recipe_gives_identical_safetensors(release, tiny_ckpt, tmp_path):
+    tmp, _, _ = release
+    recipe = tiny_recipe(tmp_path, tiny_ckpt, export={"enabled": False})
+    result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
+    assert result.exit_code == 0, result.output
+    a = sha256_file(tmp / "dist" / "tiny-ko" / "model" / "model.safetensors")
+    b = sha256_file(tmp_path / "dist" / "tiny-ko" / "model" / "model.safetensors")
+    assert a == b
+
+
+def test_failed_gate_exits_1_and_keeps_run_as_failed(tiny_ckpt, tmp_path):
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
+    # onnxruntime's kernels never reproduce PyTorch's float logits to 1e-12.
+    result = CliRunner().invoke(
+        main, [str(recipe), "--set", "validate.onnx_max_abs_logit_diff=1e-12", "--set", "validate.speed_prompts=0"]
+    )
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "dist" / "tiny-ko").exists()
+    failed = tmp_path / "dist" / "tiny-ko.failed"
+    rep = json.loads((failed / "report.json").read_text())
+    assert rep["status"] == "gate_failed" and rep["failed_gates"] == ["ONNX float vs PyTorch max |Δlogit|"]
+    assert "validation gates failed (ONNX float vs PyTorch max |Δlogit|)" in result.output
+
+
+def test_runtime_failure_exits_3_and_keeps_manifest(tiny_ckpt, tmp_path, monkeypatch):
+    import converter.pipeline as pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setattr(pipeline, "export_onnx", boom)
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
+    result = CliRunner().invoke(main, [str(recipe)])
+    assert result.exit_code == 3, result.output
+    assert "simulated exporter crash" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "dist" / "tiny-ko").exists()
+    man = json.loads((tmp_path / "dist" / "tiny-ko.failed" / "manifest.json").read_text())
+    assert man["status"] == "failed" and man["stages"]["export"]["status"] == "failed"
+    assert man["stages"]["save"]["status"] == "ok"
