@@ -3,6 +3,8 @@
     langconvert RECIPE [--set key=value ...]     run the recipe (same as `langconvert run RECIPE`)
     langconvert check RECIPE [--set ...]         validate the recipe and its inputs without loading weights
     langconvert schema                           print the recipe's JSON schema
+    langconvert vocab TOKENIZER_DIR --languages ko,en --corpus FILE --out DIR
+                                                 trim a tokenizer alone (no model)
 
 Exit codes: 0 ok, 1 a validation gate failed, 2 bad recipe or input, 3 runtime failure.
 User errors print one sentence, never a traceback (``--debug`` shows it).
@@ -167,6 +169,121 @@ def schema(markdown: bool) -> None:
     from converter.recipe import json_schema, reference_markdown
 
     click.echo(reference_markdown() if markdown else json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("tokenizer_dir", type=click.Path(path_type=Path))
+@click.option("--languages", required=True, help="Comma-separated target language tags, e.g. ko,en.")
+@click.option(
+    "--corpus",
+    "corpora",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Target-language text (.txt lines or .jsonl 'text'); repeatable. The last 10% is held out for parity.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--min-count", default=1, show_default=True, help="Keep tokens seen at least this often.")
+@click.option("--no-scripts", is_flag=True, help="Keep only corpus tokens, not every token of the scripts.")
+@click.option("--extra-script", "extra_scripts", multiple=True, help="Extra Unicode script to keep, e.g. Han.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def vocab(
+    tokenizer_dir: Path,
+    languages: str,
+    corpora: tuple[Path, ...],
+    out_dir: Path,
+    min_count: int,
+    no_scripts: bool,
+    extra_scripts: tuple[str, ...],
+    debug: bool,
+) -> None:
+    """Trim a tokenizer directory alone (no model): writes the trimmed tokenizer, token_map.json, stats.json."""
+    _setup_logging(0, True)
+    try:
+        stats = trim_tokenizer_dir(
+            tokenizer_dir, languages, list(corpora), out_dir, min_count, not no_scripts, list(extra_scripts)
+        )
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, debug)
+    par = stats["heldout"]["parity"]
+    click.echo(
+        f"vocab {stats['vocab_before']:,} -> {stats['vocab_after']:,}; held-out parity "
+        f"{par['identical']}/{par['docs']}; written to {out_dir}"
+    )
+
+
+def trim_tokenizer_dir(
+    tokenizer_dir: Path,
+    languages: str,
+    corpora: list[Path],
+    out_dir: Path,
+    min_count: int,
+    keep_scripts: bool,
+    extra_scripts: list[str],
+) -> dict:
+    """The `langconvert vocab` command's work, written atomically into ``out_dir``."""
+    import shutil
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from converter.calibrate import read_documents, split_heldout
+    from converter.errors import DataError, RecipeError
+    from converter.languages import language_scripts
+    from converter.recipe import LanguageSpec, VocabConfig
+    from converter.validate import round_trip, tokenizer_parity, tokens_per_char
+    from converter.vocab import trim_tokenizer
+
+    if out_dir.exists():
+        raise RecipeError(f"--out '{out_dir}' already exists; remove it or choose another directory.")
+    try:
+        codes = [LanguageSpec(code=c.strip(), sources=["-"]).code for c in languages.split(",") if c.strip()]
+    except Exception as exc:
+        raise RecipeError(f"--languages '{languages}' is not a list of language tags; write e.g. ko,en.") from exc
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise DataError(f"'{tokenizer_dir}' has no tokenizer.json; point at a tokenizer directory.")
+    calib: list[str] = []
+    held: list[str] = []
+    for f in corpora:
+        if not f.is_file():
+            raise DataError(f"--corpus '{f}' does not exist; fix the path.")
+        c, h = split_heldout(read_documents(f), 0.1)
+        calib += c
+        held += h
+    if not calib:
+        raise DataError("the --corpus files contain no text; give files with at least one non-empty line.")
+    original = AutoTokenizer.from_pretrained(tokenizer_dir)
+    counts = Counter(t for ids in original(calib, add_special_tokens=False)["input_ids"] for t in ids)
+    scripts = [s for c in codes for s in language_scripts(c)] if keep_scripts else []
+    cfg = VocabConfig(min_count=min_count, keep_scripts=keep_scripts, extra_scripts=extra_scripts)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = trim_tokenizer(tokenizer_dir, counts, scripts, cfg, out_dir=tmp)
+        trimmed = AutoTokenizer.from_pretrained(tmp)
+        stats = {
+            "tokenizer_dir": str(tokenizer_dir),
+            "languages": codes,
+            "scripts": scripts,
+            "vocab_before": len(original),
+            "vocab_after": len(trimmed),
+            "selection": result.stats.summary(),
+            "heldout": {
+                "docs": len(held),
+                "parity": tokenizer_parity(original, trimmed, result.token_map, held),
+                "round_trip": round_trip(original, trimmed, held),
+                "before": tokens_per_char(original, held),
+                "after": tokens_per_char(trimmed, held),
+            },
+        }
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
 
 
 def _print_summary(out_dir: Path) -> None:

@@ -251,3 +251,22 @@ def test_calibrate_empty_source_is_data_error(tmp_path):
 def test_recipe_error_is_recipe_error(tmp_path):
     with pytest.raises(RecipeError):
         load_recipe(write(tmp_path, {"name": "x"}))
+
+
+# ------------------------------------------------------------------------------------------------ vocab command
+def test_vocab_command_trims_a_tokenizer_directory(tmp_path):
+    require_shared()
+    out = tmp_path / "ko-tok"
+    args = ["vocab", str(TOKENIZERS / "qwen2.5"), "--languages", "ko", "--out", str(out),
+            "--corpus", str(CORPORA / "tatoeba" / "tatoeba.kor-eng.kor")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["vocab_before"] == 151_665 and stats["vocab_after"] < 20_000
+    assert stats["heldout"]["round_trip"]["share"] == 1.0
+    tm = json.loads((out / "token_map.json").read_text())["new_to_old"]
+    assert len(tm) == stats["vocab_after"] and (out / "chat_template.jinja").is_file()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in one_error_line(again)
+    missing = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 2
