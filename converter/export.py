@@ -358,7 +358,10 @@ def _quantize_int8(src: Path, dst: Path, work_dir: Path, per_channel: bool = Tru
     """Dynamic int8 weight quantization of every MatMul, then the tied embedding reads the int8 lm_head weight.
 
     ``per_channel``: one scale per output column (and so per vocabulary row of a tied embedding) instead of one
-    per tensor; on Gemma 3 270M it tracks the float logits much more closely (see the export report).
+    per tensor. Measured on Gemma 3 270M (4 Korean sentences, 108 positions): top-1 agreement with PyTorch 61%
+    per channel vs 52% per tensor, max |dlogit| 19.9 vs 25.7, same size. Dynamic quantization also quantizes
+    activations per tensor, which Gemma's activation outliers punish; weight-only MatMulNBits(bits=8) reached
+    95% top-1 but decoded at 1.1 tok/s on CPU, so it is not the default here.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
