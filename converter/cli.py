@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -36,6 +37,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     for noisy in ("transformers", "optimum", "torch", "onnxruntime", "onnxscript", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose == 0:
+        # Tracing warnings from the exporter's dependencies say nothing a user can act on; -v shows them.
+        warnings.filterwarnings("ignore", module=r"(torch|transformers|optimum|onnxruntime|onnxscript)(\.|$)")
 
 
 class _DefaultRun(click.Group):
