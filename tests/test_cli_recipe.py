@@ -48,9 +48,9 @@ def one_error_line(result) -> str:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_pass_check(path):
+def test_shipped_recipes_pass_check(path, tmp_path):
     require_shared()
-    result = CliRunner().invoke(main, ["check", str(path)])
+    result = CliRunner().invoke(main, ["check", str(path), "--set", f"output.dir={tmp_path}"])
     assert result.exit_code == 0, result.output
 
 

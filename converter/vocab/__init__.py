@@ -92,19 +92,15 @@ class VocabResult:
 
     def write_token_map(self, path: str | os.PathLike) -> Path:
         """token_map.json: {"new_to_old": [...], "vocab_before": n, "vocab_after": m}."""
-        path = Path(path)
-        _atomic_write(
-            path,
-            json.dumps(
-                {
-                    "vocab_before": self.vocab_before,
-                    "vocab_after": self.vocab_after,
-                    "new_to_old": self.token_map,
-                },
-                separators=(",", ":"),
-            ),
-        )
-        return path
+        return write_token_map(path, self.token_map, self.vocab_before)
+
+
+def write_token_map(path: str | os.PathLike, token_map: Sequence[int], vocab_before: int) -> Path:
+    """token_map.json: {"vocab_before": n, "vocab_after": m, "new_to_old": [...]}."""
+    path = Path(path)
+    payload = {"vocab_before": vocab_before, "vocab_after": len(token_map), "new_to_old": list(token_map)}
+    _atomic_write(path, json.dumps(payload, separators=(",", ":")))
+    return path
 
 
 class TrimmedTokenizer(NamedTuple):
@@ -177,18 +173,7 @@ def trim_tokenizer(
         if cfg_path.is_file():
             tc = rebuild_tokenizer_config(json.loads(cfg_path.read_text(encoding="utf-8")), result.token_map)
             _atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
-        sel = result.stats
-        _atomic_write(
-            out / "token_map.json",
-            json.dumps(
-                {
-                    "vocab_before": sel.vocab_before,
-                    "vocab_after": sel.vocab_after,
-                    "new_to_old": result.token_map,
-                },
-                separators=(",", ":"),
-            ),
-        )
+        write_token_map(out / "token_map.json", result.token_map, result.stats.vocab_before)
     return result
 
 
