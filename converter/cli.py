@@ -6,7 +6,7 @@
     langconvert vocab TOKENIZER_DIR --languages ko,en --corpus FILE --out DIR
                                                  trim a tokenizer alone (no model)
 
-Exit codes: 0 ok, 1 a validation gate failed, 2 bad recipe or input, 3 runtime failure.
+Exit codes: 0 ok, 1 a validation gate failed, 2 bad recipe or input, 3 runtime failure, 130 interrupted.
 User errors print one sentence, never a traceback (``--debug`` shows it).
 """
 
@@ -61,7 +61,7 @@ def _fail(exc: BaseException, debug: bool) -> None:
             traceback.print_exception(exc)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
-        click.echo("interrupted; no release was written.", err=True)
+        click.echo("interrupted; no release was written (partial output, if any, is kept as <name>.failed).", err=True)
         sys.exit(130)
     if debug:
         raise exc
