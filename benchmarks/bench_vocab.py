@@ -34,7 +34,18 @@ from converter.recipe import VocabConfig  # noqa: E402
 from converter.validate import tokenizer_parity  # noqa: E402
 from converter.vocab import trim_tokenizer_json  # noqa: E402
 
-CASES = {"gemma3": 640, "qwen2.5": 896}  # tokenizer folder -> hidden size of the model it ships with
+# tokenizer folder -> hidden size of a model it ships with (Gemma 3 270M, Qwen2.5-0.5B, Llama 3.2 1B, GPT-2,
+# Llama 2 7B, multilingual-e5-small, bge-small; Mistral 7B for the raw SentencePiece .model).
+CASES = {
+    "gemma3": 640,
+    "qwen2.5": 896,
+    "llama3": 2048,
+    "gpt2": 768,
+    "llama2": 4096,
+    "xlm-roberta": 384,
+    "bert-wordpiece": 384,
+}
+SPM_CASES = {"mistral-sentencepiece": 4096}
 
 
 def best_of(fn, repeat: int = 3) -> tuple[float, object]:
@@ -56,6 +67,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _embedding_times(vocab: int, hidden: int, token_map: list[int]) -> tuple[float, float]:
+    emb = torch.randn(vocab, hidden)  # (vocab, hidden), the size of the model's embedding
+    idx = torch.tensor(token_map)
+    t_copy, _ = best_of(lambda: emb.clone())
+    t_gather, _ = best_of(lambda: emb.index_select(0, idx))
+    return t_copy, t_gather
+
+
 def measure(name: str, hidden: int, split: dict) -> tuple:
     from transformers import PreTrainedTokenizerFast
 
@@ -67,16 +86,32 @@ def measure(name: str, hidden: int, split: dict) -> tuple:
     tj = json.loads(tok.backend_tokenizer.to_str())
     # Every Hangul token plus the corpus tokens of both languages.
     cfg = VocabConfig(min_count=1, keep_scripts=True)
-    t_trim, (new_tj, token_map, _sel) = best_of(lambda: trim_tokenizer_json(tj, counts, language_scripts("ko"), cfg))
+    t_trim, (new_tj, token_map, sel) = best_of(lambda: trim_tokenizer_json(tj, counts, language_scripts("ko"), cfg))
     t_new_load, _ = best_of(lambda: Tokenizer.from_str(json.dumps(new_tj)))
-    emb = torch.randn(len(tok), hidden)  # (vocab, hidden), the size of the model's embedding
-    idx = torch.tensor(token_map)
-    t_copy, _ = best_of(lambda: emb.clone())
-    t_gather, _ = best_of(lambda: emb.index_select(0, idx))
+    t_copy, t_gather = _embedding_times(len(tok), hidden, token_map)
     trimmed = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(new_tj)))
     par = tokenizer_parity(tok, trimmed, token_map, split["ko"][1])
-    return (name, len(tok), len(token_map), hidden, t_load, t_trim, t_new_load, t_copy, t_gather,
+    family = tj["model"]["type"]
+    return (name, family, len(tok), len(token_map), hidden, t_load, t_trim, t_new_load, t_copy, t_gather,
             par["identical"], par["docs"])  # fmt: skip
+
+
+def measure_spm(name: str, hidden: int, split: dict, scratch: Path) -> tuple:
+    from converter.vocab.spm import SentencePieceTokenizer, trim_model_file
+
+    src = SHARED / "tokenizers" / name / "tokenizer.model"
+    t_load, tok = best_of(lambda: SentencePieceTokenizer(src))
+    counts = [
+        Counter(t for ids in tok(split[c][0], add_special_tokens=False)["input_ids"] for t in ids) for c in ("ko", "en")
+    ]
+    cfg = VocabConfig(min_count=1, keep_scripts=True)
+    out = scratch / "tokenizer.model"
+    t_trim, (token_map, _sel) = best_of(lambda: trim_model_file(src, counts, language_scripts("ko"), cfg, out))
+    t_new_load, trimmed = best_of(lambda: SentencePieceTokenizer(out))
+    t_copy, t_gather = _embedding_times(len(tok), hidden, token_map)
+    par = tokenizer_parity(tok, trimmed, token_map, split["ko"][1])
+    return (name, "SentencePiece .model (BPE)", len(tok), len(token_map), hidden, t_load, t_trim, t_new_load,
+            t_copy, t_gather, par["identical"], par["docs"])  # fmt: skip
 
 
 def main() -> None:
@@ -87,22 +122,26 @@ def main() -> None:
     ntrex = SHARED / "corpora" / "ntrex128"
     texts = {"ko": read_documents(ntrex / "newstest2019-ref.kor.txt"), "en": read_documents(ntrex / "newstest2019-ref.eng-US.txt")}
     split = {k: split_heldout(v, 0.1) for k, v in texts.items()}
+    import tempfile
+
     rows = [measure(name, hidden, split) for name, hidden in CASES.items()]
+    with tempfile.TemporaryDirectory() as scratch:
+        rows += [measure_spm(name, hidden, split, Path(scratch)) for name, hidden in SPM_CASES.items()]
 
     lines = [
         f"## Vocabulary trimming (ko + en) — {date.today().isoformat()}",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}. "
         "Script: `python benchmarks/bench_vocab.py`; best of 3 for every timing. Counts from the first 90% of the NTREX "
-        "Korean and English lines; policy: every Hangul token plus the Korean and English corpus tokens (recipes/korean.yaml also keeps Han and counts Korean law text, hence its larger vocabulary). The parity column counts held-out Korean lines tokenized identically; the others quote Latin-script words the English corpus never used.",
+        "Korean and English lines; policy: every Hangul token plus the Korean and English corpus tokens (recipes/korean.yaml also keeps Han and counts Korean law text, hence its larger vocabulary). The parity column counts held-out Korean lines tokenized identically; the others quote Latin-script words the English corpus never used. BERT's uncased normalizer decomposes Hangul syllables into jamo, so that vocabulary keeps its jamo and few syllables; the XLM-R and BERT rows include finding the pieces the tokenizer can never emit. select+rebuild of the `.model` includes deriving its merges from piece scores and writing the file.",
         "",
-        "| tokenizer | vocab before | after | kept | select+rebuild s | load trimmed s | × load original | "
+        "| tokenizer | model | vocab before | after | kept | select+rebuild s | load trimmed s | × load original | "
         "embedding gather s (rows × hidden) | × plain copy | held-out ko parity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, before, after, hidden, t_load, t_trim, t_new, t_copy, t_gather, same, docs in rows:
+    for name, family, before, after, hidden, t_load, t_trim, t_new, t_copy, t_gather, same, docs in rows:
         lines.append(
-            f"| {name} | {before:,} | {after:,} | {after / before:.1%} | {t_trim:.2f} | {t_new:.2f} | "
+            f"| {name} | {family} | {before:,} | {after:,} | {after / before:.1%} | {t_trim:.2f} | {t_new:.2f} | "
             f"{(t_trim + t_new) / t_load:.2f}× (original loads in {t_load:.2f} s) | {t_gather:.3f} ({before:,} × {hidden}) | "
             f"{t_gather / t_copy:.2f}× | {same}/{docs} |"
         )

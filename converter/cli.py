@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -188,8 +189,18 @@ def schema(markdown: bool) -> None:
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--min-count", default=1, show_default=True, help="Keep tokens seen at least this often.")
+@click.option("--coverage", type=float, default=None, help="Keep the most frequent corpus tokens covering this share.")
+@click.option("--max-size", type=int, default=None, help="Cap on the trimmed vocabulary size.")
 @click.option("--no-scripts", is_flag=True, help="Keep only corpus tokens, not every token of the scripts.")
 @click.option("--extra-script", "extra_scripts", multiple=True, help="Extra Unicode script to keep, e.g. Han.")
+@click.option(
+    "--control-corpus",
+    "controls",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Text in a language that is not kept (e.g. another market); reports its tokens per character and "
+    "round trip. Repeatable.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def vocab(
     tokenizer_dir: Path,
@@ -197,15 +208,23 @@ def vocab(
     corpora: tuple[Path, ...],
     out_dir: Path,
     min_count: int,
+    coverage: float | None,
+    max_size: int | None,
     no_scripts: bool,
     extra_scripts: tuple[str, ...],
+    controls: tuple[Path, ...],
     debug: bool,
 ) -> None:
     """Trim a tokenizer directory alone (no model): writes the trimmed tokenizer, token_map.json, stats.json."""
     _setup_logging(0, True)
     try:
         stats = trim_tokenizer_dir(
-            tokenizer_dir, languages, list(corpora), out_dir, min_count, not no_scripts, list(extra_scripts)
+            tokenizer_dir,
+            languages,
+            list(corpora),
+            out_dir,
+            VocabSettings(min_count, coverage, max_size, not no_scripts, list(extra_scripts)),
+            list(controls),
         )
     except BaseException as exc:  # noqa: BLE001
         if isinstance(exc, SystemExit):
@@ -218,27 +237,41 @@ def vocab(
     )
 
 
+class VocabSettings(NamedTuple):
+    min_count: int = 1
+    coverage: float | None = None
+    max_size: int | None = None
+    keep_scripts: bool = True
+    extra_scripts: list[str] = []
+
+
 def trim_tokenizer_dir(
     tokenizer_dir: Path,
     languages: str,
     corpora: list[Path],
     out_dir: Path,
-    min_count: int,
-    keep_scripts: bool,
-    extra_scripts: list[str],
+    settings: VocabSettings = VocabSettings(),  # noqa: B008 - an immutable tuple
+    controls: list[Path] | None = None,
 ) -> dict:
     """The `langconvert vocab` command's work, written atomically into ``out_dir``."""
     import shutil
     from collections import Counter
 
-    from transformers import AutoTokenizer
+    from pydantic import ValidationError
 
     from converter.calibrate import read_documents, split_heldout
     from converter.errors import DataError, RecipeError
     from converter.languages import language_scripts
     from converter.recipe import LanguageSpec, VocabConfig
-    from converter.validate import round_trip, tokenizer_parity, tokens_per_char
+    from converter.validate import (
+        byte_token_ids,
+        chat_template_parity,
+        round_trip,
+        tokenizer_parity,
+        tokens_per_char,
+    )
     from converter.vocab import trim_tokenizer
+    from converter.vocab.spm import SentencePieceTokenizer
 
     if out_dir.exists():
         raise RecipeError(f"--out '{out_dir}' already exists; remove it or choose another directory.")
@@ -246,8 +279,24 @@ def trim_tokenizer_dir(
         codes = [LanguageSpec(code=c.strip(), sources=["-"]).code for c in languages.split(",") if c.strip()]
     except Exception as exc:
         raise RecipeError(f"--languages '{languages}' is not a list of language tags; write e.g. ko,en.") from exc
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise DataError(f"'{tokenizer_dir}' has no tokenizer.json; point at a tokenizer directory.")
+    has_json = (tokenizer_dir / "tokenizer.json").is_file()
+    spm_files = sorted(tokenizer_dir.glob("*.model")) if tokenizer_dir.is_dir() else []
+    if not has_json and not spm_files:
+        raise DataError(
+            f"'{tokenizer_dir}' has no tokenizer.json or SentencePiece .model file; point at a tokenizer directory."
+        )
+    try:
+        cfg = VocabConfig(
+            min_count=settings.min_count,
+            coverage=settings.coverage,
+            max_size=settings.max_size,
+            keep_scripts=settings.keep_scripts,
+            extra_scripts=settings.extra_scripts,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "--" + str(err["loc"][0]).replace("_", "-")
+        raise RecipeError(f"{name}: {err['msg']}; fix the option value.") from exc
     calib: list[str] = []
     held: list[str] = []
     for f in corpora:
@@ -258,15 +307,29 @@ def trim_tokenizer_dir(
         held += h
     if not calib:
         raise DataError("the --corpus files contain no text; give files with at least one non-empty line.")
-    original = AutoTokenizer.from_pretrained(tokenizer_dir)
+    control_docs: dict[str, list[str]] = {}
+    for f in controls or []:
+        if not f.is_file():
+            raise DataError(f"--control-corpus '{f}' does not exist; fix the path.")
+        control_docs[f.name] = read_documents(f)[:200]
+
+    if has_json:
+        from transformers import AutoTokenizer
+
+        original = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        original = SentencePieceTokenizer(spm_files[0])
     counts = Counter(t for ids in original(calib, add_special_tokens=False)["input_ids"] for t in ids)
-    scripts = [s for c in codes for s in language_scripts(c)] if keep_scripts else []
-    cfg = VocabConfig(min_count=min_count, keep_scripts=keep_scripts, extra_scripts=extra_scripts)
+    scripts = [s for c in codes for s in language_scripts(c)] if settings.keep_scripts else []
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result = trim_tokenizer(tokenizer_dir, counts, scripts, cfg, out_dir=tmp)
-        trimmed = AutoTokenizer.from_pretrained(tmp)
+        if has_json:
+            trimmed = AutoTokenizer.from_pretrained(tmp)
+        else:
+            trimmed = SentencePieceTokenizer(tmp / spm_files[0].name)
+        byte_old, byte_new = byte_token_ids(original) or None, byte_token_ids(trimmed) or None
         stats = {
             "tokenizer_dir": str(tokenizer_dir),
             "languages": codes,
@@ -278,9 +341,19 @@ def trim_tokenizer_dir(
                 "docs": len(held),
                 "parity": tokenizer_parity(original, trimmed, result.token_map, held),
                 "round_trip": round_trip(original, trimmed, held),
-                "before": tokens_per_char(original, held),
-                "after": tokens_per_char(trimmed, held),
+                "before": tokens_per_char(original, held, byte_old),
+                "after": tokens_per_char(trimmed, held, byte_new),
             },
+            "control": {
+                name: {
+                    "docs": len(docs),
+                    "round_trip": round_trip(original, trimmed, docs),
+                    "before": tokens_per_char(original, docs, byte_old),
+                    "after": tokens_per_char(trimmed, docs, byte_new),
+                }
+                for name, docs in control_docs.items()
+            },
+            "chat_template": chat_template_parity(original, trimmed, result.token_map, held),
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.rename(out_dir)

@@ -107,7 +107,9 @@ def export_onnx(model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Pa
     quant_info: dict[str, Any] = {}
     if quantized:
         with _staging(onnx_dir) as tmp:
-            quant_info = _quantize_int8(float_dir / ONNX_NAME, tmp / ONNX_NAME, work_dir)
+            quant_info = _quantize_int8(
+                float_dir / ONNX_NAME, tmp / ONNX_NAME, work_dir, reduce_range=cfg.int8_reduce_range
+            )
             for p in float_dir.iterdir():
                 if p.is_file() and ".onnx" not in p.name:
                     shutil.copyfile(p, tmp / p.name)
@@ -354,7 +356,9 @@ def _rank_of(model: Any, name: str) -> int:
     return 2  # input_ids (batch, seq)
 
 
-def _quantize_int8(src: Path, dst: Path, work_dir: Path, per_channel: bool = True) -> dict[str, Any]:
+def _quantize_int8(
+    src: Path, dst: Path, work_dir: Path, per_channel: bool = True, reduce_range: bool = True
+) -> dict[str, Any]:
     """Dynamic int8 weight quantization of every MatMul, then the tied embedding reads the int8 lm_head weight.
 
     ``per_channel``: one scale per output column (and so per vocabulary row of a tied embedding) instead of one
@@ -371,6 +375,7 @@ def _quantize_int8(src: Path, dst: Path, work_dir: Path, per_channel: bool = Tru
         "weight_type": "QInt8",
         "op_types": ["MatMul"],
         "per_channel": per_channel,
+        "reduce_range": reduce_range,
     }
     big = onnx_bytes(src.parent) > _EXTERNAL_DATA_THRESHOLD
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -383,6 +388,7 @@ def _quantize_int8(src: Path, dst: Path, work_dir: Path, per_channel: bool = Tru
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
             per_channel=per_channel,
+            reduce_range=reduce_range,
             use_external_data_format=big,
             extra_options={"MatMulConstBOnly": True},
         )

@@ -165,6 +165,20 @@ class VocabConfig(_Strict):
     min_count: int = Field(
         default=1, ge=1, description="Keep tokens seen at least this often in the target-language corpora."
     )
+    coverage: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Keep only the most frequent corpus tokens that together cover this share of the corpus "
+        "token occurrences (e.g. 0.9999); null keeps every token seen min_count times.",
+    )
+    max_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on the trimmed vocabulary size. Special, added, byte and chat-template tokens and "
+        "keep_tokens always stay; then corpus tokens by frequency, then script tokens, each with the pieces it is "
+        "built from. null: no cap.",
+    )
     keep_scripts: bool = Field(
         default=True,
         description="Also keep every token whose text is written in the target languages' scripts (derived from "
@@ -185,6 +199,12 @@ class ExportConfig(_Strict):
         default="none",
         description="'int8': dynamic int8 weight quantization of the exported ONNX (MatMul weights); the "
         "float export is validated first and not shipped.",
+    )
+    int8_reduce_range: bool = Field(
+        default=True,
+        description="With quantize int8: 7-bit weights. x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add "
+        "pairs of u8×s8 products in 16 bits, which saturates with full 8-bit weights and degrades the model on "
+        "those machines; false gives 8-bit weights for VNNI or ARM deployment targets only.",
     )
     opset: int | None = Field(default=None, ge=14, description="ONNX opset; default: the exporter's choice.")
 

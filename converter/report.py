@@ -94,8 +94,21 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
         if a.get("onnx_bytes"):
             out.append(f"| ONNX on disk | — | {_mb(a.get('onnx_bytes'))} |\n")
     if vocab.get("policies"):
-        out.append("\nTokens kept per policy (a token may be counted by several): ")
-        out.append(", ".join(f"{k} {_num(v)}" for k, v in vocab["policies"].items()) + ".\n")
+        only = vocab.get("only") or {}
+        out.append("\n### Vocabulary selection\n\n| policy | tokens selected | selected by no other policy |\n")
+        out.append("|---|---:|---:|\n")
+        for k, v in vocab["policies"].items():
+            out.append(f"| {k} | {_num(v)} | {_num(only.get(k))} |\n")
+        out.append(f"| merge closure (pieces kept tokens are built from) | {_num(vocab.get('closure_added'))} | |\n")
+        notes = []
+        if vocab.get("cap_dropped"):
+            notes.append(f"{_num(vocab['cap_dropped'])} candidates left out by max_size")
+        if vocab.get("unreachable_skipped"):
+            notes.append(f"{_num(vocab['unreachable_skipped'])} script tokens skipped as unreachable")
+        if vocab.get("corpus_coverage") is not None:
+            notes.append(f"kept tokens cover {_num(100 * vocab['corpus_coverage'], '{:.3f}%')} of corpus tokens")
+        if notes:
+            out.append("\n" + "; ".join(notes).capitalize() + ".\n")
 
     quality = rep.get("quality")
     if quality:

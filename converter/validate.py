@@ -3,6 +3,7 @@
 Checks
 - tokenizer parity: held-out text of every target language tokenizes to the same tokens after the id remap,
   and every language's held-out text round-trips (decode(encode(s)) equals what the original tokenizer gives);
+- chat template (when the tokenizer has one): conversations render to the same text and the same ids;
 - quality: bits per byte and perplexity on held-out text per language, original vs converted vs shipped ONNX;
 - ONNX parity: float export vs the converted PyTorch model (max |Δlogit|, top-1 agreement, greedy tokens with
   KV cache), and top-1 agreement of the shipped (possibly int8) artifact;
@@ -110,6 +111,47 @@ def round_trip(original: Any, trimmed: Any, docs: list[str]) -> dict[str, Any]:
         b = trimmed.decode(trimmed(d, add_special_tokens=False)["input_ids"])
         ok += a == b
     return {"docs": len(docs), "identical": ok, "share": ok / len(docs) if docs else float("nan")}
+
+
+def chat_template_parity(
+    original: Any, trimmed: Any, token_map: list[int] | None, docs: list[str]
+) -> dict[str, Any] | None:
+    """Conversations built from held-out target text, rendered by both tokenizers' chat templates (with and
+    without the generation prompt): the text must be equal and the trimmed ids must map back to the original
+    ids. Only documents that tokenize identically on their own are used, so the check isolates the template
+    (document parity is reported separately). None when the original tokenizer has no chat template."""
+    if not getattr(original, "chat_template", None):
+        return None
+
+    def same_alone(doc: str) -> bool:
+        ids_b = trimmed(doc, add_special_tokens=False)["input_ids"]
+        mapped = [token_map[i] for i in ids_b] if token_map is not None else ids_b
+        return mapped == original(doc, add_special_tokens=False)["input_ids"]
+
+    texts = [d for d in docs if d.strip() and same_alone(d)][:6] or ["hello"]
+    conversations = [
+        [{"role": "user", "content": texts[i]}, {"role": "assistant", "content": texts[(i + 1) % len(texts)]}]
+        for i in range(0, min(len(texts), 6), 2)
+    ]
+    same = total = 0
+    first = None
+    for conv in conversations:
+        for gen in (False, True):
+            total += 1
+            try:
+                a = original.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+                b = trimmed.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            except Exception as exc:  # noqa: BLE001 - a template may reject this shape of conversation
+                first = first or f"template error: {exc}"
+                continue
+            ids_a = original(a, add_special_tokens=False)["input_ids"]
+            ids_b = trimmed(b, add_special_tokens=False)["input_ids"]
+            mapped = [token_map[i] for i in ids_b] if token_map is not None else ids_b
+            if a == b and mapped == ids_a:
+                same += 1
+            elif first is None:
+                first = conv[0]["content"][:80]
+    return {"renders": total, "identical": same, "share": same / total if total else float("nan"), "first_mismatch": first}
 
 
 def tokens_per_char(tokenizer: Any, docs: list[str], byte_ids: set[int] | None = None) -> dict[str, float]:
@@ -255,6 +297,19 @@ def validate(
                 f"{parity_same}/{parity_docs} documents identical after the id remap ("
                 + ", ".join(d.code for d in targets if parity_gated is None or d.code in parity_gated)
                 + ")",
+            )
+        )
+    chat_docs = [doc for d in targets for doc in d.heldout_docs[:3]]
+    chat = chat_template_parity(original.tokenizer, converted.tokenizer, token_map, chat_docs)
+    if chat is not None:
+        m["chat_template"] = chat
+        res.checks.append(
+            gate(
+                "chat template renders and tokenizes the same",
+                chat["share"],
+                ">=",
+                1.0,
+                f"{chat['identical']}/{chat['renders']} conversations of held-out target text",
             )
         )
     rt_docs = sum(e["round_trip"]["docs"] for e in m["tokenizer"].values())

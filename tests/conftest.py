@@ -16,6 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZERS = SHARED / "tokenizers"
 CORPORA = SHARED / "corpora"
+NTREX = CORPORA / "ntrex128"
+# language tag -> NTREX-128 file suffix (1,997 parallel news sentences per language)
+NTREX_FILES = {
+    "en": "eng-US",
+    "ko": "kor",
+    "uk": "ukr",
+    "ru": "rus",
+    "ja": "jpn",
+    "zh": "zho-CN",
+    "de": "deu",
+    "fr": "fra",
+    "es": "spa",
+    "ar": "arb",
+    "hi": "hin",
+    "pl": "pol",
+}
+
+
+def ntrex_lines(lang: str) -> list[str]:
+    """The NTREX-128 sentences of one language, in corpus order."""
+    return (NTREX / f"newstest2019-ref.{NTREX_FILES[lang]}.txt").read_text(encoding="utf-8").splitlines()
 
 
 def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool = True, seed: int = 0):

@@ -258,15 +258,51 @@ def test_vocab_command_trims_a_tokenizer_directory(tmp_path):
     require_shared()
     out = tmp_path / "ko-tok"
     args = ["vocab", str(TOKENIZERS / "qwen2.5"), "--languages", "ko", "--out", str(out),
+            "--control-corpus", str(CORPORA / "udhr" / "ukr.txt"),
             "--corpus", str(CORPORA / "tatoeba" / "tatoeba.kor-eng.kor")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
     assert stats["vocab_before"] == 151_665 and stats["vocab_after"] < 20_000
     assert stats["heldout"]["round_trip"]["share"] == 1.0
+    assert stats["selection"]["policies"]["chat_template"] > 0
+    assert stats["chat_template"]["share"] == 1.0 and stats["chat_template"]["renders"] >= 2
+    ctrl = stats["control"]["ukr.txt"]
+    # Ukrainian is not kept: it still round-trips, through smaller pieces (more tokens per character).
+    assert ctrl["round_trip"]["share"] == 1.0
+    assert ctrl["after"]["tokens_per_char"] > 1.5 * ctrl["before"]["tokens_per_char"]
     tm = json.loads((out / "token_map.json").read_text())["new_to_old"]
     assert len(tm) == stats["vocab_after"] and (out / "chat_template.jinja").is_file()
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "already exists" in one_error_line(again)
     missing = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2
+
+
+def test_vocab_command_on_a_sentencepiece_model_alone(tmp_path):
+    require_shared()
+    out = tmp_path / "uk-spm"
+    args = ["vocab", str(TOKENIZERS / "mistral-sentencepiece"), "--languages", "uk", "--out", str(out),
+            "--corpus", str(CORPORA / "ntrex128" / "newstest2019-ref.ukr.txt"),
+            "--control-corpus", str(CORPORA / "udhr" / "kor.txt")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["vocab_before"] == 32_000 and stats["vocab_after"] < 8_000
+    assert stats["heldout"]["round_trip"]["share"] == 1.0 and stats["heldout"]["parity"]["share"] > 0.9
+    assert stats["control"]["kor.txt"]["round_trip"]["share"] == 1.0
+    assert stats["chat_template"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "token_map.json", "tokenizer.model"]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [(["--coverage", "1.5"], "--coverage"), (["--max-size", "0"], "--max-size"), (["--max-size", "3"], "max_size 3")],
+)
+def test_vocab_command_rejects_bad_policy_values(tmp_path, extra, needle):
+    require_shared()
+    args = ["vocab", str(TOKENIZERS / "gpt2"), "--languages", "en", "--out", str(tmp_path / "o"),
+            "--corpus", str(CORPORA / "tatoeba" / "tatoeba.kor-eng.eng"), *extra]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and needle in one_error_line(result)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))

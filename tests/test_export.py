@@ -128,6 +128,12 @@ def test_int8_export_is_smaller_and_runs(models, exported, mt):
     assert q.bytes < q.float_bytes and q.float_bytes == f.bytes
     graph = onnx.load(str(q.onnx_dir / "model.onnx")).graph
     assert any(n.op_type == "MatMulInteger" for n in graph.node)
+    # export.int8_reduce_range (default): weights in [-64, 64], so a pair of u8×s8 products summed in 16 bits on
+    # non-VNNI x86 stays within int16 (2 × 255 × 64 = 32,640 ≤ 32,767); full 8-bit weights reach 2 × 255 × 127.
+    assert q.quantization["reduce_range"] is True
+    int8 = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8 and all(w.min() >= -64 and w.max() <= 64 for w in int8)
+    assert max(int(w.max()) for w in int8) == 64  # the range is used, not collapsed
     if mt == "gemma3_text":  # the tied matrix is stored once, in int8
         assert q.quantization["tied_embedding_int8"]
         assert sum(int(np.prod(t.dims)) == VOCAB * 32 for t in graph.initializer) == 1

@@ -8,7 +8,6 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-import regex
 import torch
 from tokenizers import Tokenizer
 
@@ -22,23 +21,9 @@ from converter.vocab import VocabResult, trim_tokenizer, trim_tokenizer_json, tr
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
 from converter.vocab.select import classify_token, merge_closure, parse_bpe, select_ids
 from converter.vocab.slice import slice_model
-from tests.conftest import CORPORA, TOKENIZERS, require_shared, tiny_model
+from tests.conftest import NTREX_FILES, TOKENIZERS, ntrex_lines, require_shared, tiny_model
 
-NTREX = CORPORA / "ntrex128"
-LANG_FILES = {
-    "en": "eng-US",
-    "ko": "kor",
-    "uk": "ukr",
-    "ru": "rus",
-    "ja": "jpn",
-    "zh": "zho-CN",
-    "de": "deu",
-    "fr": "fra",
-    "es": "spa",
-    "ar": "arb",
-    "hi": "hin",
-    "pl": "pol",
-}
+LANG_FILES = NTREX_FILES
 N_COUNT = 1700  # first lines give the counts, the rest is held out
 
 
@@ -110,7 +95,8 @@ def test_select_and_rebuild_hand_worked(pair_merges):
     tj = _tiny_tj(pair_merges)
     sel = select_ids(tj, [Counter({7: 3, 12: 1}), Counter({9: 1})], min_count=2)
     # corpus keeps abc (count 3); xy (1) and cd (1) fall below min_count; always: <unk>, <s>; closure: ab, a, b, c
-    assert sel.policies == {"corpus": 1, "scripts": 0, "neutral": 0, "keep_tokens": 0, "always": 2}
+    expected = {"corpus": 1, "scripts": 0, "neutral": 0, "keep_tokens": 0, "chat_template": 0, "always": 2}
+    assert sel.policies == sel.only == expected
     assert sel.closure_added == 4
     assert sel.kept == [0, 1, 2, 3, 4, 6, 7]
     assert (sel.merges_before, sel.merges_after) == (5, 2)
@@ -131,6 +117,33 @@ def test_select_and_rebuild_hand_worked(pair_merges):
     assert enc.tokens == ["<s>", "abc", "ab", "c", "ab"]
     assert trimmed.encode("bc").tokens == ["<s>", "b", "c"]  # b+c was dropped with bc
     assert trimmed.encode("xd").tokens == ["<s>", "<unk>", "<unk>"]
+
+
+def test_coverage_keeps_the_most_frequent_corpus_tokens():
+    tj = _tiny_tj()
+    counts = Counter({7: 6, 12: 3, 9: 1})  # abc, xy, cd: 10 occurrences
+    sel = select_ids(tj, counts, coverage=0.6)  # abc alone covers 6/10
+    assert sel.policies["corpus"] == 1 and sel.kept == [0, 1, 2, 3, 4, 6, 7]
+    assert sel.corpus_coverage == 0.6
+    sel = select_ids(tj, counts, coverage=0.9)  # abc + xy cover 9/10
+    assert sel.kept == [0, 1, 2, 3, 4, 6, 7, 10, 11, 12] and sel.corpus_coverage == 0.9
+    sel = select_ids(tj, counts, coverage=1.0)
+    assert 9 in sel.kept and sel.corpus_coverage == 1.0
+
+
+def test_max_size_fills_by_priority_and_keeps_closure():
+    tj = _tiny_tj()
+    counts = Counter({7: 6, 12: 3, 9: 1})
+    # always {<unk>, <s>}; abc brings ab, a, b, c (7 ids); xy needs x, y too (10 > 9: left out); cd needs d (9).
+    sel = select_ids(tj, counts, max_size=9)
+    assert sel.kept == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    assert sel.cap_dropped == 1 and sel.policies["corpus"] == 2 and sel.closure_added == 5
+    new, token_map = rebuild_tokenizer_json(tj, sel.kept)
+    old, trimmed = Tokenizer.from_str(json.dumps(tj)), Tokenizer.from_str(json.dumps(new))
+    assert [token_map[i] for i in trimmed.encode("abc cd").ids] == old.encode("abc cd").ids
+    assert select_ids(tj, counts, max_size=100).cap_dropped == 0
+    with pytest.raises(RecipeError, match="max_size 1 is smaller than the 2 tokens"):
+        select_ids(tj, counts, max_size=1)
 
 
 def test_post_processor_ids_follow_the_new_numbering():
@@ -214,9 +227,9 @@ def test_languages_and_scripts():
 
 
 def test_unsupported_tokenizer_models_fail_clearly():
-    unigram = {"model": {"type": "Unigram", "vocab": [["a", 0.0]]}, "added_tokens": []}
-    with pytest.raises(ModelError, match="'Unigram'"):
-        select_ids(unigram, Counter())
+    wordlevel = {"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}, "added_tokens": []}
+    with pytest.raises(ModelError, match="'WordLevel'"):
+        select_ids(wordlevel, Counter())
     with pytest.raises(ModelError, match="'WordPiece'"):
         parse_bpe({"model": {"type": "WordPiece", "vocab": {"a": 0}}})
 
@@ -244,7 +257,8 @@ def test_slice_model_keeps_logits_at_kept_ids(model_type, tie, padding):
     with torch.no_grad():
         after = model(new_ids).logits
     assert after.shape[-1] == len(token_map)
-    assert torch.allclose(before, after, rtol=0, atol=0)
+    # Same rows, same inputs; a GEMM over fewer output rows may block differently and round in the last bit.
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     assert arch.is_tied() == tie
     assert type(arch.input_embeddings()).__name__ == type(model.model.embed_tokens).__name__
     assert arch.input_embeddings().num_embeddings == len(token_map) == model.config.vocab_size
@@ -264,7 +278,7 @@ def test_slice_model_gathers_lm_head_bias():
     with torch.no_grad():
         after = model(torch.tensor([[2, 3, 1, 0, 4]])).logits
     assert model.lm_head.bias.shape == (6,) and model.lm_head.out_features == 6
-    assert torch.equal(before, after)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
 def test_slice_model_remaps_config_ids_and_rejects_dropped_ones():
@@ -285,8 +299,7 @@ def test_slice_model_remaps_config_ids_and_rejects_dropped_ones():
 # Real tokenizers (Gemma 3: SentencePiece-style BPE with byte fallback; Qwen2.5: byte-level BPE, padded rows)
 
 
-def _lines(lang: str) -> list[str]:
-    return (NTREX / f"newstest2019-ref.{LANG_FILES[lang]}.txt").read_text(encoding="utf-8").splitlines()
+_lines = ntrex_lines
 
 
 def _calibration(tokenizer, langs=("ko", "en")) -> CalibrationResult:
@@ -403,7 +416,7 @@ def test_logits_parity_after_slicing(trimmed):
     model = trimmed.loaded.model
     with torch.no_grad():
         after = model(new_ids).logits
-    assert torch.allclose(trimmed.logits_before[..., tm], after, rtol=0, atol=0)
+    torch.testing.assert_close(after, trimmed.logits_before[..., tm], rtol=1e-5, atol=1e-6)
     assert trimmed.loaded.arch.is_tied() == (trimmed.name == "gemma3")
     assert trimmed.result.model_rows_before == (262_144 if trimmed.name == "gemma3" else 151_936)
 
@@ -413,7 +426,11 @@ def test_result_summary_and_token_map_file(trimmed, tmp_path):
     s = json.loads(json.dumps(r.summary()))
     assert s["headline"].startswith(f"vocab {r.vocab_before} -> {r.vocab_after} (")
     assert s["embedding_params_after"] < s["embedding_params_before"]
-    assert set(s["policies"]) == {"corpus", "scripts", "neutral", "keep_tokens", "always"}
+    assert (
+        set(s["policies"])
+        == set(s["only"])
+        == {"corpus", "scripts", "neutral", "keep_tokens", "chat_template", "always"}
+    )
     data = json.loads(r.write_token_map(tmp_path / "token_map.json").read_text())
     assert data["new_to_old"] == r.token_map and data["vocab_after"] == len(r.token_map)
 
@@ -458,42 +475,3 @@ def test_disabled_stage_is_identity():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The other BPE tokenizers in ../shared, for a Korean+English and a Ukrainian target (tokenizer only, no model)
-
-
-@pytest.mark.parametrize("targets", [("ko", "en"), ("uk",)], ids=["ko+en", "uk"])
-@pytest.mark.parametrize("name", ["llama3", "llama2", "gpt2"])
-def test_parity_and_round_trip_on_other_bpe_tokenizers(name, targets):
-    require_shared()
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from converter.vocab import trim_tokenizer_json
-
-    orig = AutoTokenizer.from_pretrained(TOKENIZERS / name)
-    counts = [
-        Counter(t for ids in orig(_lines(c)[:N_COUNT], add_special_tokens=False)["input_ids"] for t in ids)
-        for c in targets
-    ]
-    scripts = [s for c in targets for s in language_scripts(c)]
-    tj = json.loads(orig.backend_tokenizer.to_str())
-    new_tj, token_map, _ = trim_tokenizer_json(tj, counts, scripts, VocabConfig())
-    new = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(new_tj)))
-    assert len(token_map) < len(orig)
-    letter_of_other_script = regex.compile(
-        r"(?=\p{L})(?!" + "|".join(rf"\p{{Script={s}}}" for s in scripts) + ")"
-    )
-    for lang in targets:
-        held = _lines(lang)[N_COUNT:]
-        want = orig(held, add_special_tokens=False)["input_ids"]
-        got = new(held, add_special_tokens=False)["input_ids"]
-        bad = [s for s, w, g in zip(held, want, got, strict=True) if [token_map[i] for i in g] != w]
-        # The guarantee covers text written in the target scripts: every such line is identical. Lines quoting
-        # a word in another script (Latin names in Ukrainian news) may split differently but still round-trip.
-        pure_bad = [s for s in bad if not letter_of_other_script.search(s)]
-        assert not pure_bad, f"{name}: held-out {lang} line in the target scripts differs: {pure_bad[0]!r}"
-        assert len(bad) <= 0.1 * len(held), f"{name}: {len(bad)}/{len(held)} held-out {lang} lines differ"
-    for lang in LANG_FILES:
-        held = _lines(lang)[N_COUNT : N_COUNT + 50]
-        want = orig.batch_decode(orig(held, add_special_tokens=False)["input_ids"])
-        got = new.batch_decode(new(held, add_special_tokens=False)["input_ids"])
-        assert got == want, f"{name} ({'+'.join(targets)}): {lang} does not round-trip"

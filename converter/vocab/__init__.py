@@ -2,8 +2,10 @@
 
 select.py decides which ids survive (pure), rebuild.py writes the new tokenizer.json, slice.py cuts the model.
 ``trim_tokenizer`` runs the same core on a tokenizer directory alone (for ``langconvert vocab``).
-Supported: BPE tokenizer.json files (SentencePiece-style with byte fallback, and byte-level). Unigram and
-WordPiece tokenizers and raw SentencePiece ``.model`` files raise ModelError naming the model type.
+Supported: tokenizer.json files with BPE (SentencePiece-style with byte fallback, and byte-level), Unigram and
+WordPiece models; a SentencePiece ``tokenizer.model`` next to them is rewritten to the same kept pieces (or left
+out, with a log line saying why, when it does not match tokenizer.json). A directory with only a ``.model`` file
+is trimmed by ``converter.vocab.spm``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import regex
+
 from converter.errors import DataError, ModelError
 from converter.languages import language_scripts, normalize_scripts
 from converter.recipe import VocabConfig
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
-from converter.vocab.select import Selection, parse_bpe, select_ids
+from converter.vocab.select import Selection, VocabView, parse_tokenizer, select_ids
 from converter.vocab.slice import SliceStats, config_token_ids, slice_model
 
 __all__ = ["VocabResult", "TrimmedTokenizer", "trim_vocab", "trim_tokenizer", "trim_tokenizer_json"]
@@ -48,6 +52,10 @@ class VocabResult:
     vocab_after: int
     token_map: list[int]  # new id -> old id, strictly increasing
     policies: dict[str, int] = field(default_factory=dict)  # policy -> ids it selected (they overlap)
+    only: dict[str, int] = field(default_factory=dict)  # policy -> ids no other policy selected
+    cap_dropped: int = 0
+    unreachable_skipped: int = 0
+    corpus_coverage: float | None = None
     closure_added: int = 0  # ids only the merge closure kept
     scripts: list[str] = field(default_factory=list)
     merges_before: int = 0
@@ -78,7 +86,11 @@ class VocabResult:
             "vocab_before": self.vocab_before,
             "vocab_after": self.vocab_after,
             "policies": dict(self.policies),
+            "only": dict(self.only),
             "closure_added": self.closure_added,
+            "cap_dropped": self.cap_dropped,
+            "unreachable_skipped": self.unreachable_skipped,
+            "corpus_coverage": self.corpus_coverage,
             "scripts": list(self.scripts),
             "merges_before": self.merges_before,
             "merges_after": self.merges_after,
@@ -116,28 +128,169 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class Unreachable:
+    """Unigram / WordPiece pieces the original tokenizer can never emit; keeping them would only waste rows.
+    A container: ``i in Unreachable(...)`` checks piece ``i`` on first use (selection only asks about candidates).
+
+    Unigram: a piece is emitted in some text only if it is the best segmentation of its own characters (a
+    Viterbi path is optimal on every span), so a piece the model splits when given alone is unreachable.
+    WordPiece: a piece whose text the normalizer changes or the pre-tokenizer splits (uppercase letters in an
+    uncased vocabulary, punctuation inside a word, '##!' since punctuation is always a word of its own) never
+    reaches the model. BPE: handled by the merge structure (nothing is reported here).
+    """
+
+    def __init__(self, tj: Mapping[str, Any], view: VocabView):
+        self.view = view
+        self._cache: dict[int, bool] = {}
+        self._tok = None
+        if view.family in ("Unigram", "WordPiece"):
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_str(json.dumps(tj))
+        keep = view.added_ids | view.special_ids | view.byte_ids
+        if view.family == "Unigram":
+            keep = keep | view.alphabet_ids  # one character is its own best segmentation
+        self._keep = keep
+
+    def __contains__(self, i: object) -> bool:
+        if self._tok is None or not isinstance(i, int) or i in self._keep or i not in self.view.id_to_token:
+            return False
+        hit = self._cache.get(i)
+        if hit is None:
+            hit = self._cache[i] = self._check(self.view.id_to_token[i], i)
+        return hit
+
+    def _check(self, piece: str, i: int) -> bool:
+        tok = self._tok
+        if self.view.family == "Unigram":
+            pieces = tok.model.tokenize(piece)
+            return len(pieces) != 1 or pieces[0].id != i
+        prefix = self.view.continuing_subword_prefix
+        # A continuation piece must survive inside a word: 'a' + body stays one word ('##!' and '##中' do not).
+        cont = bool(prefix) and piece.startswith(prefix) and len(piece) > len(prefix)
+        word = "a" + piece[len(prefix) :] if cont else piece
+        text = tok.normalizer.normalize_str(word) if tok.normalizer is not None else word
+        words = (
+            [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+            if tok.pre_tokenizer is not None
+            else [text]
+        )
+        return words != [word]
+
+
+def unreachable_ids(tj: Mapping[str, Any], view: VocabView) -> set[int]:
+    """Every id ``Unreachable`` reports (all pieces checked; for tests and reports)."""
+    check = Unreachable(tj, view)
+    return {i for i in view.id_to_token if i in check}
+
+
+_SAMPLE_CONVERSATIONS = (
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": ""},
+    ],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}],
+)
+
+
+def chat_template_texts(tokenizer: Any) -> list[str]:
+    """The text a chat template adds around messages: conversations with empty messages rendered (with and
+    without the generation prompt; templates that reject a role are skipped) plus the template's quoted string
+    literals. Empty when the tokenizer has no chat template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    texts: list[str] = []
+    for conv in _SAMPLE_CONVERSATIONS:
+        for gen in (False, True):
+            try:
+                texts.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen))
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors for unsupported roles
+                log.debug("chat template rejected a sample conversation: %s", exc)
+    templates = template.values() if isinstance(template, dict) else [template]
+    for t in templates:
+        texts.extend(m.group(2) for m in regex.finditer(r"(['\"])((?:(?!\1)[^\\\n])+)\1", t))
+    return [t for t in texts if t]
+
+
+def chat_template_ids(tokenizer: Any) -> set[int]:
+    """Ids of the text the chat template itself writes (see ``chat_template_texts``), tokenized as the original
+    tokenizer does; kept so a rendered conversation keeps its exact token sequence."""
+    texts = chat_template_texts(tokenizer)
+    if not texts:
+        return set()
+    return {i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids}
+
+
 def trim_tokenizer_json(
     tj: Mapping[str, Any],
     counts: Mapping[int, int] | Iterable[Mapping[int, int]],
     scripts: Iterable[str],
     cfg: VocabConfig,
     extra_ids: Iterable[int] = (),
+    template_ids: Iterable[int] = (),
 ) -> TrimmedTokenizer:
     """The shared core: select ids on a tokenizer.json dict and rebuild it. ``scripts`` are used as given
     (callers decide whether cfg.keep_scripts applies); cfg.extra_scripts are always added."""
-    view = parse_bpe(tj)
+    view = parse_tokenizer(tj)
     all_scripts = normalize_scripts([*scripts, *cfg.extra_scripts])
     sel = select_ids(
         tj,
         counts,
         all_scripts,
         min_count=cfg.min_count,
+        coverage=cfg.coverage,
+        max_size=cfg.max_size,
         keep_tokens=cfg.keep_tokens,
         extra_ids=extra_ids,
+        template_ids=template_ids,
+        unreachable=Unreachable(tj, view),
         view=view,
     )
     new_tj, token_map = rebuild_tokenizer_json(tj, sel.kept)
     return TrimmedTokenizer(new_tj, token_map, sel)
+
+
+def rewrite_sentencepiece(
+    model_path: Path, tj: Mapping[str, Any], token_map: Sequence[int], dest: Path
+) -> str | None:
+    """Write ``dest``: the SentencePiece ``.model`` at ``model_path`` cut to the pieces token_map keeps, when it
+    matches ``tj`` piece for piece. Returns None when written, else the reason it was left out."""
+    from converter.vocab import spm
+
+    try:
+        proto = spm.read_model_proto(model_path)
+    except ModelError as exc:
+        return str(exc)
+    reason = spm.check_consistent(proto, tj)
+    if reason is not None:
+        return reason
+    # token_map is increasing, so the kept pieces come first and keep their new ids; ids past the last piece
+    # are tokens tokenizer.json adds on top of the .model.
+    kept = [i for i in token_map if i < len(proto.pieces)]
+    _atomic_write_bytes(dest, spm.rewrite_model_proto(proto, kept).SerializeToString())
+    return None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _directory_template_ids(src: Path) -> set[int]:
+    """chat_template_ids for a tokenizer directory; loads it with transformers only when it has a template."""
+    cfg_path = src / "tokenizer_config.json"
+    has_template = (src / "chat_template.jinja").is_file() or (
+        cfg_path.is_file() and "chat_template" in json.loads(cfg_path.read_text(encoding="utf-8"))
+    )
+    if not has_template:
+        return set()
+    from transformers import AutoTokenizer
+
+    return chat_template_ids(AutoTokenizer.from_pretrained(src))
 
 
 def trim_tokenizer(
@@ -147,21 +300,37 @@ def trim_tokenizer(
     cfg: VocabConfig,
     out_dir: str | os.PathLike | None = None,
     extra_ids: Iterable[int] = (),
+    template_ids: Iterable[int] | None = None,
 ) -> TrimmedTokenizer:
-    """Trim the tokenizer.json in ``tokenizer_dir``; with ``out_dir``, write a loadable tokenizer directory there
-    (tokenizer.json, tokenizer_config.json with renumbered added_tokens_decoder, other files such as
-    chat_template.jinja copied, token_map.json)."""
+    """Trim the tokenizer in ``tokenizer_dir``; with ``out_dir``, write a loadable tokenizer directory there
+    (tokenizer.json, tokenizer_config.json with renumbered added_tokens_decoder, tokenizer.model rewritten to the
+    same pieces, other files such as chat_template.jinja copied, token_map.json).
+
+    A directory with only a SentencePiece ``.model`` is trimmed through ``converter.vocab.spm`` (then
+    ``tokenizer_json`` of the result is None). template_ids None: found from the directory's chat template.
+    """
     src = Path(tokenizer_dir)
     tj_path = src / "tokenizer.json"
     if not tj_path.is_file():
-        if any(src.glob("*.model")):
-            raise ModelError(
-                f"{src} holds only a SentencePiece .model file; vocabulary trimming needs a tokenizer.json "
-                "(convert it with transformers first)"
+        models = sorted(src.glob("*.model"))
+        if not models:
+            raise DataError(
+                f"'{src}' has no tokenizer.json or SentencePiece .model file; point at a tokenizer directory"
             )
-        raise DataError(f"no tokenizer.json in {src}")
+        from converter.vocab import spm
+
+        with tempfile.TemporaryDirectory(prefix="langconvert-spm-") as scratch:
+            out = Path(out_dir) if out_dir is not None else Path(scratch)
+            token_map, sel = spm.trim_model_file(
+                models[0], counts, scripts, cfg, out / models[0].name, extra_ids
+            )
+            if out_dir is not None:
+                write_token_map(out / "token_map.json", token_map, sel.vocab_before)
+        return TrimmedTokenizer(None, token_map, sel)  # type: ignore[arg-type]
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
-    result = trim_tokenizer_json(tj, counts, scripts, cfg, extra_ids)
+    if template_ids is None:
+        template_ids = _directory_template_ids(src)
+    result = trim_tokenizer_json(tj, counts, scripts, cfg, extra_ids, template_ids)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +342,12 @@ def trim_tokenizer(
         if cfg_path.is_file():
             tc = rebuild_tokenizer_config(json.loads(cfg_path.read_text(encoding="utf-8")), result.token_map)
             _atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
+        if (src / "tokenizer.model").is_file():
+            why = rewrite_sentencepiece(
+                src / "tokenizer.model", tj, result.token_map, out / "tokenizer.model"
+            )
+            if why is not None:
+                log.warning("tokenizer.model left out of the trimmed tokenizer: %s", why)
         write_token_map(out / "token_map.json", result.token_map, result.stats.vocab_before)
     return result
 
@@ -241,7 +416,9 @@ def trim_vocab(
             scripts.extend(d.scripts or language_scripts(d.code))
     log.info("trim_vocab: start (%d tokens, languages %s)", len(tok), ", ".join(d.code for d in kept_langs))
 
-    new_tj, token_map, sel = trim_tokenizer_json(tj, counts, scripts, cfg, config_token_ids(loaded.model))
+    new_tj, token_map, sel = trim_tokenizer_json(
+        tj, counts, scripts, cfg, config_token_ids(loaded.model), chat_template_ids(tok)
+    )
     new_tok = _load_trimmed_fast_tokenizer(tok, new_tj, token_map)
     stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map)
     loaded.tokenizer = new_tok
@@ -252,6 +429,10 @@ def trim_vocab(
         vocab_after=len(token_map),
         token_map=token_map,
         policies=sel.policies,
+        only=sel.only,
+        cap_dropped=sel.cap_dropped,
+        unreachable_skipped=sel.unreachable_skipped,
+        corpus_coverage=sel.corpus_coverage,
         closure_added=sel.closure_added,
         scripts=sel.scripts,
         merges_before=sel.merges_before,
@@ -266,6 +447,11 @@ def trim_vocab(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         new_tok.save_pretrained(out)
+        vocab_file = getattr(tok, "vocab_file", None)
+        if vocab_file and str(vocab_file).endswith(".model") and Path(vocab_file).is_file():
+            why = rewrite_sentencepiece(Path(vocab_file), tj, token_map, out / "tokenizer.model")
+            if why is not None:
+                log.warning("tokenizer.model left out of the trimmed tokenizer: %s", why)
         result.write_token_map(out / "token_map.json")
     result.seconds = time.perf_counter() - t0
     log.info("trim_vocab: done in %.1fs, %s", result.seconds, result.headline)

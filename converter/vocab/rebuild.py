@@ -1,8 +1,9 @@
 """Rebuild a tokenizer.json (and tokenizer_config.json) for a set of kept ids.
 
 New ids are contiguous and follow the old-id order, so ``token_map`` (new id -> old id) is strictly increasing.
-Only the vocabulary, the merges, the added tokens and the ids the post-processor names change; the normalizer,
-pre-tokenizer, decoder and model options (byte_fallback, ignore_merges, unk_token, ...) are copied unchanged.
+Only the vocabulary, the merges, the unk id, the added tokens and the ids the post-processor names change; the
+normalizer, pre-tokenizer, decoder and model options (byte_fallback, ignore_merges, unk_token, ...) are copied
+unchanged.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _remap_post_processor(node: Any, old_to_new: Mapping[int, int]) -> None:
 def rebuild_tokenizer_json(tj: Mapping[str, Any], kept: Sequence[int]) -> tuple[dict[str, Any], list[int]]:
     """New tokenizer.json dict for the kept old ids, and token_map (new id -> old id).
 
-    Merges are kept iff their result is kept (``select.merge_closure`` guarantees both parts are kept then), in
+    Families: BPE (vocab dict and merges), Unigram (vocab list of [piece, score], unk_id) and WordPiece (vocab
+    dict). BPE merges are kept iff their result is kept (``select.merge_closure`` guarantees both parts are kept then), in
     their original order and format ("a b" strings or [a, b] pairs).
     """
     token_map = sorted(set(kept))
@@ -56,28 +58,35 @@ def rebuild_tokenizer_json(tj: Mapping[str, Any], kept: Sequence[int]) -> tuple[
     model = {k: v for k, v in tj["model"].items() if k not in ("vocab", "merges")}
     model = copy.deepcopy(model)
 
-    old_vocab: Mapping[str, int] = tj["model"]["vocab"]
-    new_vocab = {tok: old_to_new[i] for tok, i in old_vocab.items() if i in old_to_new}
-    # Keep the vocab listed in id order, like the tokenizers library writes it.
-    model["vocab"] = dict(sorted(new_vocab.items(), key=lambda kv: kv[1]))
-
-    prefix = tj["model"].get("continuing_subword_prefix") or ""
-    merges_out: list[Any] = []
-    for m in tj["model"].get("merges") or []:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        result = a + (b[len(prefix) :] if prefix and b.startswith(prefix) else b)
-        if result in new_vocab:
-            if a not in new_vocab or b not in new_vocab:
-                raise ModelError(
-                    f"merge {a!r} + {b!r} -> {result!r} is kept but one of its parts is not; the kept ids are not "
-                    "closed under merges (use select.merge_closure)"
-                )
-            merges_out.append(m)
-    model["merges"] = merges_out
-    # unk_token is a string: it stays valid as long as the token is kept, which selection guarantees.
-    unk = model.get("unk_token")
-    if unk is not None and unk in old_vocab and unk not in new_vocab:
-        raise ModelError(f"the unknown token {unk!r} was not kept")
+    mtype = tj["model"].get("type") or "BPE"
+    if mtype == "Unigram":
+        # vocab is a list of [piece, score]; the id is the position.
+        model["vocab"] = [list(p) for i, p in enumerate(tj["model"]["vocab"]) if i in old_to_new]
+        if model.get("unk_id") is not None:
+            model["unk_id"] = _remap_id(old_to_new, int(model["unk_id"]), "the Unigram unk_id")
+    else:
+        old_vocab: Mapping[str, int] = tj["model"]["vocab"]
+        new_vocab = {tok: old_to_new[i] for tok, i in old_vocab.items() if i in old_to_new}
+        # Keep the vocab listed in id order, like the tokenizers library writes it.
+        model["vocab"] = dict(sorted(new_vocab.items(), key=lambda kv: kv[1]))
+        # unk_token is a string: it stays valid as long as the token is kept, which selection guarantees.
+        unk = model.get("unk_token")
+        if unk is not None and unk in old_vocab and unk not in new_vocab:
+            raise ModelError(f"the unknown token {unk!r} was not kept")
+    if mtype == "BPE":
+        prefix = tj["model"].get("continuing_subword_prefix") or ""
+        merges_out: list[Any] = []
+        for m in tj["model"].get("merges") or []:
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            result = a + (b[len(prefix) :] if prefix and b.startswith(prefix) else b)
+            if result in new_vocab:
+                if a not in new_vocab or b not in new_vocab:
+                    raise ModelError(
+                        f"merge {a!r} + {b!r} -> {result!r} is kept but one of its parts is not; the kept ids are "
+                        "not closed under merges (use select.merge_closure)"
+                    )
+                merges_out.append(m)
+        model["merges"] = merges_out
 
     added = []
     for a in new.get("added_tokens") or []:

@@ -1,7 +1,9 @@
-"""Which token ids to keep: a pure function of a tokenizer.json dict, token counts and target scripts.
+"""Which token ids to keep: a pure function of a tokenizer model, token counts and target scripts.
 
-keep = corpus ∪ scripts ∪ keep_tokens ∪ always, then closed under BPE merges (see ``merge_closure``). Every
-policy reports how many ids it selected, and the closure reports how many it added on top.
+keep = corpus ∪ scripts ∪ neutral ∪ keep_tokens ∪ chat_template ∪ always, optionally capped at max_size, then
+closed under BPE merges (see ``merge_closure``). Every policy reports how many ids it selected and how many
+only it selected; the closure reports how many it added on top. Families: BPE (byte-level and
+SentencePiece-style), Unigram and WordPiece; see ``VocabView``.
 
 Vocabulary trimming by corpus frequency follows Abdaoui et al., "Load What You Need: Smaller Versions of
 Multilingual BERT" (2020) and Ushio et al., "An Efficient Multilingual Language Model Compression through
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ import regex
 from converter.errors import ModelError, RecipeError
 from converter.languages import ScriptMatcher
 
-SUPPORTED_MODELS = ("BPE",)
+SUPPORTED_MODELS = ("BPE", "Unigram", "WordPiece")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -55,19 +57,29 @@ def _has_type(node: Any, type_name: str) -> bool:
 
 
 @dataclass
-class BPEView:
-    """The parts of a BPE tokenizer.json that selection needs, as ids."""
+class VocabView:
+    """The parts of a tokenizer model that selection needs, as ids, for every supported family.
 
-    vocab: dict[str, int]  # model.vocab: token -> id
-    id_to_token: dict[int, str]  # model.vocab and added tokens
-    merges: list[tuple[int, int, int]]  # (left id, right id, result id), in rank order
-    byte_level: bool  # GPT-2 style byte alphabet (Qwen, Llama 3, GPT-2)
-    byte_fallback: bool  # SentencePiece style <0xXX> tokens (Gemma, Llama 2)
-    ignore_merges: bool  # a whole pre-token found in the vocab is emitted without merging (Llama 3)
+    family: "BPE" (tokenizer.json BPE: byte-level or SentencePiece-style; also a SentencePiece BPE ``.model``
+    whose merges are derived from piece scores), "Unigram" or "WordPiece".
+    """
+
+    vocab: dict[str, int]  # model vocabulary: token -> id
+    id_to_token: dict[int, str]  # model vocabulary and added tokens
     added_ids: set[int]  # every added token (special or not)
     special_ids: set[int]  # added tokens marked special, plus the model's unk token
     byte_ids: set[int]  # the 256 <0xXX> tokens or the 256 byte-level alphabet symbols present
+    # BPE: (left id, right id, result id), in rank order; [] otherwise
+    merges: list[tuple[int, int, int]] = field(default_factory=list)
+    byte_level: bool = False  # GPT-2 style byte alphabet (Qwen, Llama 3, GPT-2)
+    byte_fallback: bool = False  # SentencePiece style <0xXX> tokens (Gemma, Llama 2, Mistral)
+    ignore_merges: bool = False  # a whole pre-token found in the vocab is emitted without merging (Llama 3)
     continuing_subword_prefix: str = ""
+    family: str = "BPE"
+    # Unigram / WordPiece: the one-character pieces ('a', '▁', '##a'). Kept always: with them every text the
+    # original tokenizer could spell still encodes (character by character where longer pieces were dropped).
+    alphabet_ids: set[int] = field(default_factory=set)
+    scores: dict[int, float] = field(default_factory=dict)  # Unigram / SentencePiece log-probabilities
 
     @property
     def size(self) -> int:
@@ -96,20 +108,19 @@ class BPEView:
         """The vocab spelling of a piece of text (' 안녕' -> '▁안녕' or 'Ġìķĳëħķ')."""
         if self.byte_level:
             return "".join(_BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
+        if self.family == "WordPiece":
+            return text
         return text.replace(" ", "\u2581")
 
 
-def parse_bpe(tj: Mapping[str, Any]) -> BPEView:
-    """Read a tokenizer.json dict. Raises ModelError naming the model type when it is not BPE."""
-    model = tj.get("model") or {}
-    mtype = model.get("type") or ("BPE" if "merges" in model else None)
-    if mtype not in SUPPORTED_MODELS:
-        raise ModelError(
-            f"vocabulary trimming supports tokenizer.json models of type {', '.join(SUPPORTED_MODELS)}; this "
-            f"tokenizer is '{mtype}'. Set vocab.enabled: false to convert without trimming."
-        )
-    vocab: dict[str, int] = dict(model["vocab"])
-    id_to_token = {i: t for t, i in vocab.items()}
+BPEView = VocabView  # the name of the BPE-only version
+
+
+def _byte_fallback_ids(vocab: Mapping[str, int]) -> set[int]:
+    return {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+
+
+def _added(tj: Mapping[str, Any], id_to_token: dict[int, str]) -> tuple[set[int], set[int]]:
     added_ids: set[int] = set()
     special_ids: set[int] = set()
     for a in tj.get("added_tokens") or []:
@@ -117,9 +128,86 @@ def parse_bpe(tj: Mapping[str, Any]) -> BPEView:
         added_ids.add(a["id"])
         if a.get("special"):
             special_ids.add(a["id"])
+    return added_ids, special_ids
+
+
+def _parse_unigram(tj: Mapping[str, Any]) -> VocabView:
+    model = tj["model"]
+    pieces = model["vocab"]  # [[piece, score], ...], id = position
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    id_to_token = {i: p for i, (p, _) in enumerate(pieces)}
+    added_ids, special_ids = _added(tj, id_to_token)
+    unk = model.get("unk_id")
+    if unk is not None:
+        special_ids.add(int(unk))
+    byte_fallback = bool(model.get("byte_fallback"))
+    return VocabView(
+        vocab=vocab,
+        id_to_token=id_to_token,
+        byte_fallback=byte_fallback,
+        added_ids=added_ids,
+        special_ids=special_ids,
+        byte_ids=_byte_fallback_ids(vocab) if byte_fallback else set(),
+        family="Unigram",
+        alphabet_ids={i for p, i in vocab.items() if len(p) == 1},
+        scores={i: float(s) for i, (_, s) in enumerate(pieces)},
+    )
+
+
+def _dict_vocab(tj: Mapping[str, Any]) -> tuple[dict[str, int], dict[int, str], set[int], set[int]]:
+    """A {token: id} model vocabulary (BPE, WordPiece): vocab, id -> token, added ids, special ids (+ unk)."""
+    model = tj["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    id_to_token = {i: t for t, i in vocab.items()}
+    added_ids, special_ids = _added(tj, id_to_token)
     unk = model.get("unk_token")
     if unk is not None and unk in vocab:
         special_ids.add(vocab[unk])
+    return vocab, id_to_token, added_ids, special_ids
+
+
+def _parse_wordpiece(tj: Mapping[str, Any]) -> VocabView:
+    model = tj["model"]
+    vocab, id_to_token, added_ids, special_ids = _dict_vocab(tj)
+    prefix = model.get("continuing_subword_prefix") or ""
+    alphabet = {
+        i
+        for t, i in vocab.items()
+        if len(t) == 1 or (prefix and t.startswith(prefix) and len(t) == len(prefix) + 1)
+    }
+    return VocabView(
+        vocab=vocab,
+        id_to_token=id_to_token,
+        added_ids=added_ids,
+        special_ids=special_ids,
+        byte_ids=set(),
+        continuing_subword_prefix=prefix,
+        family="WordPiece",
+        alphabet_ids=alphabet,
+    )
+
+
+def parse_tokenizer(tj: Mapping[str, Any]) -> VocabView:
+    """Read a tokenizer.json dict (BPE, Unigram or WordPiece model). Raises ModelError for other model types."""
+    model = tj.get("model") or {}
+    mtype = model.get("type") or ("BPE" if "merges" in model else None)
+    if mtype == "Unigram":
+        return _parse_unigram(tj)
+    if mtype == "WordPiece":
+        return _parse_wordpiece(tj)
+    return parse_bpe(tj)
+
+
+def parse_bpe(tj: Mapping[str, Any]) -> VocabView:
+    """Read a BPE tokenizer.json dict. Raises ModelError naming the model type when it is not supported."""
+    model = tj.get("model") or {}
+    mtype = model.get("type") or ("BPE" if "merges" in model else None)
+    if mtype != "BPE":
+        raise ModelError(
+            f"vocabulary trimming supports tokenizer.json models of type {', '.join(SUPPORTED_MODELS)}; this "
+            f"tokenizer is '{mtype}'. Set vocab.enabled: false to convert without trimming."
+        )
+    vocab, id_to_token, added_ids, special_ids = _dict_vocab(tj)
 
     byte_level = _has_type(tj.get("pre_tokenizer"), "ByteLevel") or _has_type(tj.get("decoder"), "ByteLevel")
     byte_fallback = bool(model.get("byte_fallback"))
@@ -127,7 +215,7 @@ def parse_bpe(tj: Mapping[str, Any]) -> BPEView:
     if byte_level:
         byte_ids |= {vocab[c] for c in _BYTE_TO_CHAR.values() if c in vocab}
     if byte_fallback:
-        byte_ids |= {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+        byte_ids |= _byte_fallback_ids(vocab)
 
     prefix = model.get("continuing_subword_prefix") or ""
     merges: list[tuple[int, int, int]] = []
@@ -139,7 +227,7 @@ def parse_bpe(tj: Mapping[str, Any]) -> BPEView:
         if ia is None or ib is None or ir is None:
             raise ModelError(f"tokenizer.json merge {a!r} + {b!r} names a token missing from the vocabulary")
         merges.append((ia, ib, ir))
-    return BPEView(
+    return VocabView(
         vocab=vocab,
         id_to_token=id_to_token,
         merges=merges,
@@ -248,11 +336,16 @@ def classify_token(view: BPEView, token: str, matcher: ScriptMatcher) -> str | N
     if not tail:
         if matcher.matches(text):
             return "script"
-        return "neutral" if k == 0 and matcher.neutral(text) else None
+        # Leading continuation bytes end a character begun in the previous token; the rest decides.
+        return "neutral" if matcher.neutral(text) else None
     tail_chars = _completions(tail)
     if tail_chars is None or not matcher.allowed(text) or not matcher.allowed(tail_chars):
         return None
-    return "script" if matcher.has_letter(text) or matcher.has_letter(tail_chars) else None
+    if matcher.has_letter(text) or matcher.has_letter(tail_chars):
+        return "script"
+    # The start of an emoji or symbol (e.g. b'\xf0\x9f': U+1F000..U+1FFFF, all Common): target-language text
+    # with emoji tokenizes through these pieces.
+    return "neutral" if matcher.neutral(text) and matcher.neutral(tail_chars) else None
 
 
 @dataclass
@@ -266,6 +359,10 @@ class Selection:
     scripts: list[str] = field(default_factory=list)
     merges_before: int = 0
     merges_after: int = 0
+    only: dict[str, int] = field(default_factory=dict)  # policy -> ids no other policy selected
+    cap_dropped: int = 0  # candidate ids left out to respect max_size
+    unreachable_skipped: int = 0  # script/neutral candidates the tokenizer can never emit, not kept
+    corpus_coverage: float | None = None  # share of corpus token occurrences the kept ids cover
 
     @property
     def vocab_after(self) -> int:
@@ -276,32 +373,94 @@ class Selection:
             "vocab_before": self.vocab_before,
             "vocab_after": self.vocab_after,
             "policies": dict(self.policies),
+            "only": dict(self.only),
             "closure_added": self.closure_added,
+            "cap_dropped": self.cap_dropped,
+            "unreachable_skipped": self.unreachable_skipped,
+            "corpus_coverage": self.corpus_coverage,
             "scripts": list(self.scripts),
             "merges_before": self.merges_before,
             "merges_after": self.merges_after,
         }
 
 
+def _coverage_prefix(total: Counter, coverage: float) -> list[int]:
+    """The most frequent ids whose counts add up to at least ``coverage`` of all occurrences (ties: lower id)."""
+    ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+    need = coverage * sum(total.values())
+    out: list[int] = []
+    acc = 0
+    for i, n in ranked:
+        if acc >= need:
+            break
+        out.append(i)
+        acc += n
+    return out
+
+
+def _capped(
+    ordered: Iterable[int], must: set[int], producers: Mapping[int, list[tuple[int, int]]], max_size: int
+) -> tuple[set[int], int]:
+    """Fill up to ``max_size`` ids: ``must`` first, then ``ordered`` (best first), each with the parts it is built
+    from, skipping a candidate whose closure does not fit. Returns (kept, candidates left out)."""
+    kept = set(must)
+    merge_closure(kept, ((a, b, r) for r, ps in producers.items() for a, b in ps if r in must))
+    if len(kept) > max_size:
+        raise RecipeError(
+            f"vocab.max_size {max_size} is smaller than the {len(kept)} tokens that must always be kept (special, "
+            "added and byte tokens, keep_tokens and the parts they are built from); raise max_size"
+        )
+    dropped = 0
+    for t in ordered:
+        if t in kept:
+            continue
+        need = {t}
+        stack = [t]
+        while stack:
+            for a, b in producers.get(stack.pop(), ()):
+                for part in (a, b):
+                    if part not in kept and part not in need:
+                        need.add(part)
+                        stack.append(part)
+        if len(kept) + len(need) > max_size:
+            dropped += 1
+            continue
+        kept |= need
+    return kept, dropped
+
+
 def select_ids(
-    tj: Mapping[str, Any],
+    tj: Mapping[str, Any] | None,
     counts: Mapping[int, int] | Iterable[Mapping[int, int]],
     scripts: Iterable[str] = (),
     *,
     min_count: int = 1,
+    coverage: float | None = None,
+    max_size: int | None = None,
     keep_tokens: Iterable[str] = (),
     extra_ids: Iterable[int] = (),
-    view: BPEView | None = None,
+    template_ids: Iterable[int] = (),
+    unreachable: Container[int] = frozenset(),
+    view: VocabView | None = None,
 ) -> Selection:
     """Choose the ids to keep.
 
-    tj: the tokenizer.json dict. counts: original id -> count, or several such counters (summed).
-    scripts: Unicode script names whose tokens are kept whole. keep_tokens: token strings (vocab spelling, or
-    plain text such as ' hello'). extra_ids: ids that must survive (the model config's bos/eos/pad ids).
+    tj: the tokenizer.json dict (or None with ``view``). counts: original id -> count, or several such counters
+    (summed). scripts: Unicode script names whose tokens are kept whole. coverage: keep only the most frequent
+    corpus ids that cover this share of corpus token occurrences (with min_count also applied). max_size: cap
+    on the result; candidates are dropped in reverse priority (script tokens by id, then corpus tokens by count).
+    keep_tokens: token strings (vocab spelling, or plain text such as ' hello'). extra_ids: ids that must survive
+    (the model config's bos/eos/pad ids). template_ids: ids the chat template's own text tokenizes to (kept
+    so a rendered conversation tokenizes as before). unreachable: ids the tokenizer can never emit (found by the caller with
+    the real tokenizer; any container, asked only about candidates); the script policy skips them.
     """
-    view = view or parse_bpe(tj)
+    if view is None:
+        if tj is None:
+            raise TypeError("select_ids needs a tokenizer.json dict or a view")
+        view = parse_tokenizer(tj)
     size = view.size
     known = view.id_to_token
+    skip = unreachable
 
     total: Counter = Counter()
     if isinstance(counts, Mapping):
@@ -309,25 +468,34 @@ def select_ids(
     else:
         for c in counts:
             total.update(c)
+    total = Counter({i: n for i, n in total.items() if i in known and n > 0})
 
-    # (a) corpus: ids seen often enough in the target-language text.
-    corpus = {i for i, n in total.items() if n >= min_count and i in known}
+    # (a) corpus: ids seen often enough in the target-language text (optionally: the coverage prefix).
+    corpus = {i for i, n in total.items() if n >= min_count}
+    if coverage is not None:
+        corpus &= set(_coverage_prefix(total, coverage))
 
     # (b) scripts: tokens whose text is written in the target scripts (plus Common/Inherited), and the
     # language-neutral tokens made only of Common/Inherited characters (reported as "neutral").
     matcher = ScriptMatcher(scripts)
     script_ids: set[int] = set()
     neutral_ids: set[int] = set()
+    skipped = 0
     if matcher.scripts:
         merge_results = {r for _, _, r in view.merges}
         for tok, i in view.vocab.items():
             if i in view.added_ids:
                 continue
-            # A token no merge produces and that is not a base symbol can never be emitted (unless ignore_merges
-            # lets a whole pre-token through): keeping it would only waste a row.
-            if not (view.ignore_merges or i in merge_results or view.base_symbol(tok)):
+            # A BPE token no merge produces and that is not a base symbol can never be emitted (unless
+            # ignore_merges lets a whole pre-token through): keeping it would only waste a row.
+            if view.family == "BPE" and not (
+                view.ignore_merges or i in merge_results or view.base_symbol(tok)
+            ):
                 continue
             kind = classify_token(view, tok, matcher)
+            if kind is not None and i in skip:
+                skipped += 1
+                continue
             if kind == "script":
                 script_ids.add(i)
             elif kind == "neutral":
@@ -349,29 +517,60 @@ def select_ids(
             )
         keep_ids.add(i)
 
-    # (d) always: specials, every added token, byte tokens / byte alphabet, ids the model config names.
+    # (d) always: specials, every added token, byte tokens / byte alphabet, the one-character pieces of
+    # Unigram/WordPiece vocabularies, ids the model config names.
     extra = set(extra_ids)
     missing = sorted(i for i in extra if i not in known)
     if missing:
         raise ModelError(f"the model config names token ids {missing} that the tokenizer does not have")
-    always = view.special_ids | view.added_ids | view.byte_ids | extra
+    always = (
+        view.special_ids
+        | view.added_ids
+        | view.byte_ids
+        | {i for i in view.alphabet_ids if i not in skip}
+        | extra
+    )
+    template = {i for i in template_ids if i in known}
 
-    kept = corpus | script_ids | neutral_ids | keep_ids | always
-    # (e) closure under merges.
+    groups = {
+        "corpus": corpus,
+        "scripts": script_ids,
+        "neutral": neutral_ids,
+        "keep_tokens": keep_ids,
+        "chat_template": template,
+        "always": always,
+    }
+    kept = set().union(*groups.values())
+    cap_dropped = 0
+    # (e) closure under merges (BPE; Unigram and WordPiece need none: dropping pieces a text does not use
+    # cannot change how that text is segmented).
     added = merge_closure(kept, view.merges)
+    if max_size is not None and len(kept) > max_size:
+        producers: dict[int, list[tuple[int, int]]] = {}
+        for a, b, r in view.merges:
+            producers.setdefault(r, []).append((a, b))
+        by_count = sorted(corpus, key=lambda i: (-total[i], i))
+        rest = sorted((script_ids | neutral_ids) - corpus)
+        kept, cap_dropped = _capped([*by_count, *rest], always | keep_ids | template, producers, max_size)
+        for g in groups.values():  # report what each policy contributed after the cap
+            g &= kept
+        added = kept - set().union(*groups.values())
     merges_after = sum(1 for _, _, r in view.merges if r in kept)
+    only = {
+        name: len(ids - set().union(*(o for n, o in groups.items() if n != name)))
+        for name, ids in groups.items()
+    }
+    covered = sum(n for i, n in total.items() if i in kept)
     return Selection(
         kept=sorted(kept),
         vocab_before=size,
-        policies={
-            "corpus": len(corpus),
-            "scripts": len(script_ids),
-            "neutral": len(neutral_ids),
-            "keep_tokens": len(keep_ids),
-            "always": len(always),
-        },
+        policies={name: len(ids) for name, ids in groups.items()},
         closure_added=len(added),
         scripts=list(matcher.scripts),
         merges_before=len(view.merges),
         merges_after=merges_after,
+        only=only,
+        cap_dropped=cap_dropped,
+        unreachable_skipped=skipped,
+        corpus_coverage=round(covered / sum(total.values()), 6) if total else None,
     )
