@@ -291,6 +291,8 @@ def spm_view(proto: ModelProto) -> SpmView:
             triples.update((bpe.pieces[a], bpe.pieces[b], bpe.pieces[r]) for a, b, r in steps)
         # Rank order: the result with the higher score merges first.
         merges = sorted(triples, key=lambda t: (-proto.pieces[t[2]].score, t[2], t[0]))
+    else:
+        unreachable = _unigram_unreachable(proto)
 
     return SpmView(
         vocab=vocab,
@@ -307,6 +309,19 @@ def spm_view(proto: ModelProto) -> SpmView:
         scores={i: float(p.score) for i, p in enumerate(proto.pieces)},
         unreachable_ids=unreachable,
     )
+
+
+def _unigram_unreachable(proto: ModelProto) -> set[int]:
+    """Unigram pieces the library never emits: a Viterbi segmentation is optimal on every span, so a piece that
+    is not the library's segmentation of its own text (no dummy '▁' prefix added) never appears in any text."""
+    probe = ModelProto()
+    probe.CopyFrom(proto)
+    probe.normalizer_spec.add_dummy_prefix = False
+    probe.normalizer_spec.remove_extra_whitespaces = False
+    sp = SentencePieceProcessor(model_proto=probe.SerializeToString())
+    ids = [i for i, p in enumerate(proto.pieces) if p.type == NORMAL and len(p.piece) > 1]
+    got = sp.encode([proto.pieces[i].piece for i in ids])
+    return {i for i, g in zip(ids, got, strict=True) if g != [i]}
 
 
 def rewrite_model_proto(proto: ModelProto, token_map: Sequence[int]) -> ModelProto:
