@@ -144,6 +144,11 @@ def test_max_size_fills_by_priority_and_keeps_closure():
     assert select_ids(tj, counts, max_size=100).cap_dropped == 0
     with pytest.raises(RecipeError, match="max_size 1 is smaller than the 2 tokens"):
         select_ids(tj, counts, max_size=1)
+    # A must-keep token brings its whole derivation (abc <- ab + c <- a + b) even when the cap binds.
+    sel = select_ids(tj, counts, max_size=9, keep_tokens=["abc", "cd"])
+    assert sel.kept == [0, 1, 2, 3, 4, 5, 6, 7, 9] and sel.cap_dropped == 1
+    with pytest.raises(RecipeError, match="max_size 8 is smaller than the 9 tokens"):
+        select_ids(tj, counts, max_size=8, keep_tokens=["abc", "cd"])
 
 
 def test_post_processor_ids_follow_the_new_numbering():

@@ -404,7 +404,7 @@ def _capped(
     """Fill up to ``max_size`` ids: ``must`` first, then ``ordered`` (best first), each with the parts it is built
     from, skipping a candidate whose closure does not fit. Returns (kept, candidates left out)."""
     kept = set(must)
-    merge_closure(kept, ((a, b, r) for r, ps in producers.items() for a, b in ps if r in must))
+    merge_closure(kept, ((a, b, r) for r, ps in producers.items() for a, b in ps))
     if len(kept) > max_size:
         raise RecipeError(
             f"vocab.max_size {max_size} is smaller than the {len(kept)} tokens that must always be kept (special, "
