@@ -111,7 +111,7 @@ def write_token_map(path: str | os.PathLike, token_map: Sequence[int], vocab_bef
     """token_map.json: {"vocab_before": n, "vocab_after": m, "new_to_old": [...]}."""
     path = Path(path)
     payload = {"vocab_before": vocab_before, "vocab_after": len(token_map), "new_to_old": list(token_map)}
-    _atomic_write(path, json.dumps(payload, separators=(",", ":")))
+    atomic_write(path, json.dumps(payload, separators=(",", ":")))
     return path
 
 
@@ -121,10 +121,11 @@ class TrimmedTokenizer(NamedTuple):
     stats: Selection
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling, so no half-written file appears."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 
@@ -269,15 +270,8 @@ def rewrite_sentencepiece(
     # token_map is increasing, so the kept pieces come first and keep their new ids; ids past the last piece
     # are tokens tokenizer.json adds on top of the .model.
     kept = [i for i in token_map if i < len(proto.pieces)]
-    _atomic_write_bytes(dest, spm.rewrite_model_proto(proto, kept).SerializeToString())
+    atomic_write(dest, spm.rewrite_model_proto(proto, kept).SerializeToString())
     return None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _directory_template_ids(src: Path) -> set[int]:
@@ -337,11 +331,11 @@ def trim_tokenizer(
         for f in src.iterdir():
             if f.is_file() and f.name not in _STALE_FILES:
                 shutil.copy2(f, out / f.name)
-        _atomic_write(out / "tokenizer.json", json.dumps(result.tokenizer_json, ensure_ascii=False))
+        atomic_write(out / "tokenizer.json", json.dumps(result.tokenizer_json, ensure_ascii=False))
         cfg_path = src / "tokenizer_config.json"
         if cfg_path.is_file():
             tc = rebuild_tokenizer_config(json.loads(cfg_path.read_text(encoding="utf-8")), result.token_map)
-            _atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
+            atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
         if (src / "tokenizer.model").is_file():
             why = rewrite_sentencepiece(
                 src / "tokenizer.model", tj, result.token_map, out / "tokenizer.model"

@@ -451,11 +451,10 @@ def trim_model_file(
     new = rewrite_model_proto(proto, token_map)
     data = new.SerializeToString()
     _processor(new)  # refuse to write a file the library cannot load
+    from converter.vocab import atomic_write  # the package imports this module lazily: no cycle
+
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic_write(out, data)
     log.info(
         "trim_model_file: %s -> %s, %d -> %d pieces in %.1fs",
         src_path,
