@@ -306,3 +306,15 @@ def test_vocab_command_rejects_bad_policy_values(tmp_path, extra, needle):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and needle in one_error_line(result)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
+
+
+def test_vocab_command_on_a_corrupt_sentencepiece_model(tmp_path):
+    require_shared()
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    args = ["vocab", str(src), "--languages", "uk", "--out", str(tmp_path / "o"),
+            "--corpus", str(CORPORA / "udhr" / "ukr.txt")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "tokenizer.model" in one_error_line(result)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))

@@ -179,12 +179,6 @@ class Unreachable:
         return words != [word]
 
 
-def unreachable_ids(tj: Mapping[str, Any], view: VocabView) -> set[int]:
-    """Every id ``Unreachable`` reports (all pieces checked; for tests and reports)."""
-    check = Unreachable(tj, view)
-    return {i for i in view.id_to_token if i in check}
-
-
 _SAMPLE_CONVERSATIONS = (
     [
         {"role": "system", "content": ""},

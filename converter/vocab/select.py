@@ -113,9 +113,6 @@ class VocabView:
         return text.replace(" ", "\u2581")
 
 
-BPEView = VocabView  # the name of the BPE-only version
-
-
 def _byte_fallback_ids(vocab: Mapping[str, int]) -> set[int]:
     return {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
 
@@ -297,7 +294,7 @@ def _completions(tail: bytes) -> str | None:
     return "".join(chars) or None
 
 
-def classify_token(view: BPEView, token: str, matcher: ScriptMatcher) -> str | None:
+def classify_token(view: VocabView, token: str, matcher: ScriptMatcher) -> str | None:
     """'script' (written in the target scripts), 'neutral' (only digits/punctuation/spaces) or None.
 
     Byte-level tokens may hold pieces of characters. Leading continuation bytes (the end of a character that

@@ -471,7 +471,7 @@ class SentencePieceTokenizer:
     ``get_vocab``), for a raw SentencePiece model."""
 
     def __init__(self, path: Path):
-        self.sp = SentencePieceProcessor(model_file=str(path))
+        self.sp = _processor(read_model_proto(path))  # a file that is not a .model raises ModelError
         self.chat_template = None
 
     def __call__(self, docs, add_special_tokens: bool = True):
