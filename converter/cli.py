@@ -18,11 +18,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import click
 
 from converter.errors import EXIT_RUNTIME, ConvertError
+
+if TYPE_CHECKING:
+    from converter.recipe import VocabConfig
 
 log = logging.getLogger("converter")
 
@@ -223,7 +226,13 @@ def vocab(
             languages,
             list(corpora),
             out_dir,
-            VocabSettings(min_count, coverage, max_size, not no_scripts, list(extra_scripts)),
+            _vocab_options(
+                min_count=min_count,
+                coverage=coverage,
+                max_size=max_size,
+                keep_scripts=not no_scripts,
+                extra_scripts=list(extra_scripts),
+            ),
             list(controls),
         )
     except BaseException as exc:  # noqa: BLE001
@@ -237,12 +246,19 @@ def vocab(
     )
 
 
-class VocabSettings(NamedTuple):
-    min_count: int = 1
-    coverage: float | None = None
-    max_size: int | None = None
-    keep_scripts: bool = True
-    extra_scripts: list[str] = []
+def _vocab_options(**options):
+    """The vocab command's options as a VocabConfig; a bad value is a RecipeError naming the option."""
+    from pydantic import ValidationError
+
+    from converter.errors import RecipeError
+    from converter.recipe import VocabConfig
+
+    try:
+        return VocabConfig(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "--" + str(err["loc"][0]).replace("_", "-")
+        raise RecipeError(f"{name}: {err['msg']}; fix the option value.") from exc
 
 
 def trim_tokenizer_dir(
@@ -250,19 +266,17 @@ def trim_tokenizer_dir(
     languages: str,
     corpora: list[Path],
     out_dir: Path,
-    settings: VocabSettings = VocabSettings(),  # noqa: B008 - an immutable tuple
+    cfg: VocabConfig | None = None,
     controls: list[Path] | None = None,
 ) -> dict:
     """The `langconvert vocab` command's work, written atomically into ``out_dir``."""
     import shutil
     from collections import Counter
 
-    from pydantic import ValidationError
-
     from converter.calibrate import read_documents, split_heldout
     from converter.errors import DataError, RecipeError
     from converter.languages import language_scripts
-    from converter.recipe import LanguageSpec, VocabConfig
+    from converter.recipe import LanguageSpec
     from converter.validate import (
         byte_token_ids,
         chat_template_parity,
@@ -285,18 +299,7 @@ def trim_tokenizer_dir(
         raise DataError(
             f"'{tokenizer_dir}' has no tokenizer.json or SentencePiece .model file; point at a tokenizer directory."
         )
-    try:
-        cfg = VocabConfig(
-            min_count=settings.min_count,
-            coverage=settings.coverage,
-            max_size=settings.max_size,
-            keep_scripts=settings.keep_scripts,
-            extra_scripts=settings.extra_scripts,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = "--" + str(err["loc"][0]).replace("_", "-")
-        raise RecipeError(f"{name}: {err['msg']}; fix the option value.") from exc
+    cfg = cfg or VocabConfig()
     calib: list[str] = []
     held: list[str] = []
     for f in corpora:
@@ -320,7 +323,7 @@ def trim_tokenizer_dir(
     else:
         original = SentencePieceTokenizer(spm_files[0])
     counts = Counter(t for ids in original(calib, add_special_tokens=False)["input_ids"] for t in ids)
-    scripts = [s for c in codes for s in language_scripts(c)] if settings.keep_scripts else []
+    scripts = [s for c in codes for s in language_scripts(c)] if cfg.keep_scripts else []
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
