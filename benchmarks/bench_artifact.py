@@ -78,6 +78,10 @@ def child(job_file: Path) -> None:
             model: Any = cort.OnnxDecoder(
                 ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"]), path
             )
+        elif (Path(job["model"]) / "genai_config.json").is_file():  # export.format genai: its own runtime
+            from converter.runtime import GenaiDecoder
+
+            model = GenaiDecoder(job["model"])
         else:
             model = cort.load_session(job["model"])
     else:
@@ -89,7 +93,11 @@ def child(job_file: Path) -> None:
 
     ids = [tokenizer(text)["input_ids"][: job["prompt_tokens"]] for text in job["prompts"]]
     prompts = [torch.tensor([x], dtype=torch.long) for x in ids]
-    if job["kind"] == "onnx":
+    if job["kind"] == "onnx" and hasattr(model, "decode_speed"):
+        speed = model.decode_speed(ids, job["new_tokens"], warmup=job["warmup"])
+        threads = "default"
+        dtype_name = "onnx (onnxruntime-genai)"
+    elif job["kind"] == "onnx":
         speed = cort.decode_speed_onnx(model, prompts, job["new_tokens"], warmup=job["warmup"])
         threads = model.session.get_session_options().intra_op_num_threads or "default"
         dtype_name = "onnx"

@@ -29,7 +29,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 from converter import ort  # noqa: E402
 from converter.calibrate import read_documents, split_heldout  # noqa: E402
-from converter.export import ONNX_NAME, _quantize_int8, export_onnx  # noqa: E402
+from converter.export import ONNX_NAME, export_onnx  # noqa: E402
+from converter.export.quantize import quantize_dynamic_int8  # noqa: E402
 from converter.recipe import ExportConfig  # noqa: E402
 from converter.validate import onnx_logits_fn, score_texts  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         work = Path(tmp)
-        export_onnx(model_dir, work / "float", ExportConfig(quantize="none"), work / "scratch")
+        export_onnx(model_dir, work / "float", ExportConfig(format="optimum", quantize="none"), work / "scratch")
         dirs = {"float": work / "float"}
         for label, rr in (("int8, 7-bit weights (reduce_range)", True), ("int8, 8-bit weights", False)):
             out = work / ("rr" if rr else "full")
@@ -89,7 +90,7 @@ def main() -> None:
             for p in dirs["float"].iterdir():
                 if p.is_file() and ".onnx" not in p.name:
                     shutil.copyfile(p, out / p.name)
-            _quantize_int8(dirs["float"] / ONNX_NAME, out / ONNX_NAME, work / "scratch", reduce_range=rr)
+            quantize_dynamic_int8(dirs["float"] / ONNX_NAME, out / ONNX_NAME, work / "scratch", reduce_range=rr)
             dirs[label] = out
         rows = {}
         for label, d in dirs.items():

@@ -67,6 +67,7 @@ def run_validation(recipe: Recipe, converted: LoadedModel, vocab: VocabResult, c
             if lang.keep_vocab
             and (not recipe.vocab.enabled or (recipe.vocab.keep_scripts and lang.script_tokens))
         },
+        runtime=export.runtime if export else None,
     )
 
 

@@ -115,13 +115,35 @@ class CalibrationConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    method: Literal["none", "magnitude", "wanda"] = Field(
+    method: Literal["none", "magnitude", "wanda", "experts"] = Field(
         default="wanda",
         description="'wanda': |W|·‖X‖₂ per input channel from calibration activations; 'magnitude': |W|; "
-        "'none': keep all weights.",
+        "'experts': structured FFN pruning, the FFN neurons split into experts (MoE-fication) and the experts "
+        "the calibration languages use least removed, so intermediate_size shrinks; 'none': keep all weights.",
     )
     sparsity: float = Field(
-        default=0.5, ge=0, lt=1, description="Fraction of weights zeroed in every pruned linear layer."
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="Fraction of weights zeroed in every pruned linear layer; with method experts, the fraction "
+        "of each FFN's neurons removed (rounded to whole experts).",
+    )
+    experts: int = Field(
+        default=64,
+        ge=2,
+        description="With method experts: experts per FFN (balanced k-means over the up-projection rows); must "
+        "divide intermediate_size. 64 experts of a 2048-wide FFN keep widths multiples of 32.",
+    )
+    expert_selection: Literal["activation", "wanda-sp", "random"] = Field(
+        default="activation",
+        description="With method experts: which neurons go. 'activation': the experts with the smallest mean "
+        "share of FFN activation on the calibration text; 'wanda-sp': single neurons by summed |W|·‖X‖; "
+        "'random': random experts (a baseline).",
+    )
+    refit: bool = Field(
+        default=True,
+        description="With method experts: refit each shrunken down-projection by least squares on the "
+        "calibration activations, so the kept neurons take up what the removed ones contributed.",
     )
     pattern: str = Field(
         default="unstructured",
@@ -152,6 +174,14 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _nm_matches_sparsity(self) -> PruneConfig:
+        if self.method == "experts":
+            if self.pattern != "unstructured":
+                raise ValueError("prune.method experts removes whole neurons; remove prune.pattern")
+            if self.skip_layers:
+                raise ValueError(
+                    "prune.method experts keeps one FFN width for every layer (so the checkpoint loads in "
+                    "transformers and every export format); remove prune.skip_layers"
+                )
         nm = self.nm
         if nm and self.method != "none" and abs(nm[0] / nm[1] - self.sparsity) > 1e-9:
             raise ValueError(
@@ -195,18 +225,70 @@ class VocabConfig(_Strict):
 
 class ExportConfig(_Strict):
     enabled: bool = Field(default=True, description="Export ONNX with KV cache.")
-    quantize: Literal["none", "int8"] = Field(
+    format: Literal["genai", "optimum"] = Field(
+        default="genai",
+        description="'genai': onnxruntime-genai's fused decoder (GroupQueryAttention, fused norms, "
+        "genai_config.json; run with onnxruntime_genai), the fastest onnxruntime path; 'optimum': optimum's "
+        "decoder-with-past, loadable by optimum.onnxruntime.ORTModelForCausalLM.",
+    )
+    quantize: Literal["none", "int8", "int4", "int8-dynamic"] = Field(
         default="none",
-        description="'int8': dynamic int8 weight quantization of the exported ONNX (MatMul weights); the "
-        "float export is validated first and not shipped.",
+        description="'int8' / 'int4': weight-only block quantization (MatMulNBits, symmetric, export.block_size "
+        "values per scale), activations stay float; 'int8-dynamic': onnxruntime's dynamic int8 (activations "
+        "quantized per tensor at run time; optimum format only; inaccurate on models with activation outliers "
+        "such as Gemma 3). The float export is validated too and not shipped.",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        default=32, description="With int8/int4: weights per quantization scale, along the input dimension."
+    )
+    accuracy_level: int = Field(
+        default=4,
+        ge=0,
+        le=4,
+        description="With int8/int4: MatMulNBits' accuracy_level; 4 quantizes activations to int8 per block "
+        "and multiplies in int8 (the fast path on CPUs), 0 leaves the choice to the execution provider.",
+    )
+    lm_head_bits: Literal[4, 8] | None = Field(
+        default=None,
+        description="With int8/int4: bits of the lm_head (and so of a tied embedding) when they should differ "
+        "from the layers', e.g. 8 with int4 layers; null: same as the layers.",
+    )
+    scale_search: Literal["absmax", "mse"] = Field(
+        default="absmax",
+        description="With int8/int4: how each block's scale is chosen. 'absmax': round to nearest on the "
+        "block's largest value (onnxruntime's RTN); 'mse': the scale, from 0.5x to 1x of that, with the least "
+        "squared weight error (clips outliers).",
     )
     int8_reduce_range: bool = Field(
         default=True,
-        description="With quantize int8: 7-bit weights. x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add "
-        "pairs of u8×s8 products in 16 bits, which saturates with full 8-bit weights and degrades the model on "
-        "those machines; false gives 8-bit weights for VNNI or ARM deployment targets only.",
+        description="With quantize int8-dynamic: 7-bit weights. x86 CPUs without VNNI (AVX2, AVX-512 without "
+        "VNNI) add pairs of u8×s8 products in 16 bits, which saturates with full 8-bit weights and degrades the "
+        "model on those machines; false gives 8-bit weights for VNNI or ARM deployment targets only.",
     )
-    opset: int | None = Field(default=None, ge=14, description="ONNX opset; default: the exporter's choice.")
+    context_length: int | None = Field(
+        default=None,
+        ge=16,
+        description="With format genai: the longest sequence (prompt + generated tokens) the artifact serves; "
+        "onnxruntime-genai allocates its KV buffer for it and the rotary tables are cut to it. Must cover a "
+        "sliding attention window (512 tokens for Gemma 3). null: the model's max_position_embeddings, at "
+        "most 4096.",
+    )
+    opset: int | None = Field(
+        default=None, ge=14, description="With format optimum: ONNX opset; default: the exporter's choice."
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ExportConfig:
+        if self.format == "genai" and self.quantize == "int8-dynamic":
+            raise ValueError(
+                "export.quantize 'int8-dynamic' needs export.format: optimum; with format genai use int8 "
+                "(weight-only, more accurate)"
+            )
+        if self.format == "genai" and self.opset is not None:
+            raise ValueError("export.opset applies to export.format optimum only; remove it or set format: optimum")
+        if self.lm_head_bits is not None and self.quantize not in ("int8", "int4"):
+            raise ValueError("export.lm_head_bits needs export.quantize int8 or int4; remove it or set quantize")
+        return self
 
 
 class ValidateConfig(_Strict):
@@ -219,13 +301,28 @@ class ValidateConfig(_Strict):
         default=0.98,
         ge=0,
         le=1,
-        description="Gate: share of positions where the shipped ONNX artifact and PyTorch agree on the top-1 token.",
+        description="Gate: share of held-out positions where the shipped artifact (in its runtime) and the "
+        "converted PyTorch model agree on the top-1 token.",
     )
     greedy_tokens: int = Field(
         default=16,
         ge=0,
-        description="Gate: this many greedy tokens generated with KV cache must match between the float ONNX "
-        "export and PyTorch (0 disables).",
+        description="Gate: this many greedy tokens generated with KV cache must match PyTorch, for the float "
+        "ONNX export and for the shipped artifact in its own runtime, on a short and on a long prompt "
+        "(0 disables).",
+    )
+    long_prompt_tokens: int = Field(
+        default=640,
+        ge=0,
+        description="Length of the long prompt (held-out target text joined) for the greedy and top-1 checks; "
+        "the default exceeds Gemma 3's 512-token sliding window. 0 checks short prompts only.",
+    )
+    max_artifact_bpb_increase: float | None = Field(
+        default=None,
+        gt=0,
+        description="Gate: largest allowed relative increase of bits per byte of the shipped artifact over the "
+        "converted PyTorch model, on any target language: the cost of quantization alone (0.03 = +3%). None "
+        "reports without gating.",
     )
     min_tokenizer_parity: float = Field(
         default=1.0, ge=0, le=1, description="Gate: share of held-out target documents tokenized identically."

@@ -145,28 +145,46 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
         out.append("\n## ONNX parity\n\n")
         out.append(f"- float export vs PyTorch: max |Δlogit| {_num(onnx['max_abs_logit_diff_float'], '{:.2e}')}, ")
         out.append(f"top-1 agreement {_num(100 * onnx['top1_agreement_float'], '{:.2f}%')} over {onnx['positions']} positions\n")
-        out.append(f"- shipped artifact ({'int8' if onnx['quantized'] else 'float'}) top-1 agreement ")
-        out.append(f"{_num(100 * onnx['top1_agreement_artifact'], '{:.2f}%')}\n")
-        g = onnx.get("greedy")
-        if g:
-            same = g["torch"] == g["onnx_float"]
-            out.append(f"- {len(g['torch'])} greedy tokens with KV cache: float ONNX {'identical' if same else 'DIFFERENT'}")
-            if "onnx_artifact" in g:
-                out.append(f"; artifact matches for the first {g['artifact_matching_prefix']}")
-            out.append("\n")
+        kind = onnx.get("runtime", "onnxruntime")
+        out.append(f"- shipped artifact ({'quantized' if onnx['quantized'] else 'float'}, run in {kind}) top-1 ")
+        out.append(f"agreement {_num(100 * onnx['top1_agreement_artifact'], '{:.2f}%')}")
+        if onnx.get("long_prompt_tokens"):
+            out.append(f" (including a {onnx['long_prompt_tokens']}-token window)")
+        out.append("\n")
+        for label, g in (onnx.get("greedy") or {}).items():
+            parts = []
+            for key, name in (("onnx_float", "float ONNX"), ("onnx_artifact", "artifact")):
+                if key in g:
+                    same = next((i for i, (a, b) in enumerate(zip(g["torch"], g[key])) if a != b), len(g[key]))
+                    parts.append(f"{name} {same}/{len(g['torch'])} equal")
+            out.append(
+                f"- greedy tokens with KV cache after a {g['prompt_tokens']}-token {label} prompt: "
+                + ", ".join(parts) + "\n"
+            )
 
     speed = rep.get("speed")
     if speed:
         out.append("\n## Speed (same machine, same prompts, greedy decode with KV cache, after warm-up)\n\n")
         out.append("| | decode tokens/s | time to first token |\n|---|---:|---:|\n")
-        for key, label in (("original_torch", "original, PyTorch"), ("artifact_onnx", "artifact, onnxruntime")):
+        for key, label in (("original_torch", "original, PyTorch"), ("artifact_onnx", f"artifact, {speed.get('artifact_onnx', {}).get('runtime', 'onnxruntime')}")):
             if key in speed:
                 s = speed[key]
                 out.append(f"| {label} | {_num(s['tokens_per_s'], '{:.1f}')} | {_num(1000 * s['ttft_s'], '{:.1f}')} ms |\n")
         out.append(f"\n{speed.get('note', '')}\n")
 
     prune = rep.get("prune")
-    if prune and prune.get("per_layer"):
+    ffn = (prune or {}).get("ffn")
+    if ffn:
+        out.append(
+            f"\n## Pruning: FFN experts ({ffn['selection']}, {ffn['experts']} experts per layer, refit "
+            f"{'on' if ffn['refit'] else 'off'})\n\nWidth {ffn['width_before']} -> {ffn['width_after']} in every "
+            "layer. Reconstruction error: Σ‖A Wᵀ − A_K W'ᵀ‖² over calibration tokens relative to the FFN output's "
+            "energy, with the removed neurons simply dropped and after the least-squares refit.\n\n"
+            "| layer | kept | error, dropped | error, refit |\n|---:|---:|---:|---:|\n"
+        )
+        for layer, st in ffn["layers"].items():
+            out.append(f"| {layer} | {st['kept']} | {st['error_removed']:.4f} | {st['error_refit']:.4f} |\n")
+    elif prune and prune.get("per_layer"):
         out.append("\n## Pruning: measured sparsity per layer\n\n| layer | sparsity |\n|---:|---:|\n")
         for layer, linears in prune["per_layer"].items():
             vals = list(linears.values()) if isinstance(linears, dict) else [linears]

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SPEED_NOTE = (
     "Unstructured and N:M zeros are stored densely: PyTorch and onnxruntime's dense kernels do the same work "
     "for them, so pruning alone does not make decoding faster; the speed difference comes from the runtime, "
-    "int8 weights and the smaller lm_head of the trimmed vocabulary."
+    "quantized weights and the smaller lm_head of the trimmed vocabulary."
 )
 
 
@@ -232,6 +232,23 @@ def onnx_logits_fn(onnx_dir: Path):
     return fn
 
 
+def _rel(value: float, base: float) -> float:
+    return value / base - 1 if base else float("nan")
+
+
+def _long_prompt(tokenizer: Any, docs: list[str], cfg: ValidateConfig) -> list[int] | None:
+    """``cfg.long_prompt_tokens`` ids of held-out target text joined (the tokenizer's specials once, at the start);
+    None when disabled or when the text is too short."""
+    if not cfg.long_prompt_tokens or not docs:
+        return None
+    ids = list(tokenizer(docs[0], add_special_tokens=True)["input_ids"])
+    for doc in docs[1:]:
+        if len(ids) >= cfg.long_prompt_tokens:
+            break
+        ids += tokenizer("\n" + doc, add_special_tokens=False)["input_ids"]
+    return ids[: cfg.long_prompt_tokens] if len(ids) >= cfg.long_prompt_tokens else None
+
+
 # ---------------------------------------------------------------------------------------------------- sizes
 def param_counts(model: Any) -> dict[str, int]:
     seen: set[int] = set()
@@ -262,8 +279,10 @@ def validate(
     onnx_dir: Path | None = None,
     float_onnx_dir: Path | None = None,
     parity_gated: set[str] | None = None,
+    runtime: str | None = None,
 ) -> ValidateResult:
-    """``parity_gated``: target languages whose tokenization the trim guarantees (default: every target)."""
+    """``parity_gated``: target languages whose tokenization the trim guarantees (default: every target).
+    ``runtime``: the artifact's runtime ('onnxruntime-genai' or 'onnxruntime'; default: from its files)."""
     res = ValidateResult()
     m = res.metrics
     targets = [d for d in calib.languages.values() if d.keep_vocab]
@@ -323,8 +342,14 @@ def validate(
     m["quality"] = {}
     orig_fn = torch_logits_fn(original.model)
     conv_fn = torch_logits_fn(converted.model)
-    art_fn = onnx_logits_fn(onnx_dir) if onnx_dir is not None else None
+    artifact = None
+    if onnx_dir is not None:
+        from converter.runtime import artifact_logits_fn, open_artifact
+
+        artifact = open_artifact(onnx_dir, runtime)
+    art_fn = artifact_logits_fn(artifact) if artifact is not None else None
     worst_increase = None
+    worst_quant = None
     for d in calib.languages.values():
         q = {
             "original": score_texts(orig_fn, original.tokenizer, d.heldout_docs, cfg.eval_seq_len),
@@ -332,11 +357,14 @@ def validate(
         }
         if art_fn is not None:
             q["artifact"] = score_texts(art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len)
+            q["artifact_vs_converted"] = _rel(q["artifact"]["bpb"], q["converted"]["bpb"])
         final = q.get("artifact", q["converted"])
-        q["bpb_increase"] = final["bpb"] / q["original"]["bpb"] - 1 if q["original"]["bpb"] else float("nan")
+        q["bpb_increase"] = _rel(final["bpb"], q["original"]["bpb"])
         m["quality"][d.code] = q
         if d.keep_vocab and (worst_increase is None or q["bpb_increase"] > worst_increase[1]):
             worst_increase = (d.code, q["bpb_increase"])
+        if d.keep_vocab and "artifact" in q and (worst_quant is None or q["artifact_vs_converted"] > worst_quant[1]):
+            worst_quant = (d.code, q["artifact_vs_converted"])
         log.info(
             "quality %s: bpb %.3f -> %.3f (%+.1f%%)",
             d.code,
@@ -351,6 +379,14 @@ def validate(
             res.checks.append(gate("bits-per-byte increase", inc, "<=", cfg.max_bpb_increase, detail))
         else:
             res.checks.append(Check("bits-per-byte increase", inc, detail=detail + " (not gated)"))
+    if worst_quant is not None:
+        code, inc = worst_quant
+        name = "bits-per-byte increase of the artifact over converted PyTorch"
+        detail = f"worst target language: {code}"
+        if cfg.max_artifact_bpb_increase is not None:
+            res.checks.append(gate(name, inc, "<=", cfg.max_artifact_bpb_increase, detail))
+        else:
+            res.checks.append(Check(name, inc, detail=detail + " (not gated)"))
 
     # --- ONNX parity
     if onnx_dir is not None:
@@ -360,39 +396,42 @@ def validate(
         ids_list = [
             e[: cfg.eval_seq_len] for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"] if len(e) > 1
         ]
+        long_ids = _long_prompt(converted.tokenizer, [doc for d in targets for doc in d.heldout_docs], cfg)
+        float_dir = float_onnx_dir or onnx_dir
+        quantized = float_dir != onnx_dir
+        kind = "quantized artifact" if quantized else "artifact"
         max_diff = 0.0
         agree = {"float": [0, 0], "artifact": [0, 0]}
-        float_dir = float_onnx_dir or onnx_dir
-        for e in ids_list:
+        for e in ids_list + ([long_ids] if long_ids else []):
             ids = torch.tensor([e])
-            mask = torch.ones_like(ids)
-            ref = conv_fn(ids, mask).float()[0]
-            fl = torch.as_tensor(ort.onnx_logits(float_dir, ids, mask)).float()[0]
+            ref = conv_fn(ids, torch.ones_like(ids)).float()[0]
+            fl = torch.as_tensor(ort.onnx_logits(float_dir, ids)).float()[0]
             max_diff = max(max_diff, float((ref - fl).abs().max()))
             agree["float"][0] += int((ref.argmax(-1) == fl.argmax(-1)).sum())
             agree["float"][1] += len(e)
-            if float_dir != onnx_dir:
-                art = torch.as_tensor(ort.onnx_logits(onnx_dir, ids, mask)).float()[0]
-            else:
-                art = fl
+            art = torch.from_numpy(artifact.logits(e)).float()
             agree["artifact"][0] += int((ref.argmax(-1) == art.argmax(-1)).sum())
             agree["artifact"][1] += len(e)
         top1_float = agree["float"][0] / max(1, agree["float"][1])
         top1_art = agree["artifact"][0] / max(1, agree["artifact"][1])
+        runtime_name = "onnxruntime-genai" if type(artifact).__name__ == "GenaiDecoder" else "onnxruntime"
         m["onnx"] = {
             "max_abs_logit_diff_float": max_diff,
             "top1_agreement_float": top1_float,
             "top1_agreement_artifact": top1_art,
             "positions": agree["float"][1],
-            "quantized": float_dir != onnx_dir,
+            "long_prompt_tokens": len(long_ids) if long_ids else 0,
+            "quantized": quantized,
+            "runtime": runtime_name,
         }
+        windows = f"{len(ids_list)} held-out windows" + (f" + one of {len(long_ids)} tokens" if long_ids else "")
         res.checks.append(
             gate(
                 "ONNX float vs PyTorch max |Δlogit|",
                 max_diff,
                 "<=",
                 cfg.onnx_max_abs_logit_diff,
-                f"{len(ids_list)} held-out windows, {agree['float'][1]} positions",
+                f"{windows}, {agree['float'][1]} positions",
             )
         )
         res.checks.append(
@@ -401,32 +440,38 @@ def validate(
                 top1_art,
                 ">=",
                 cfg.onnx_min_top1_agreement,
-                "int8 artifact" if float_dir != onnx_dir else "float artifact",
+                f"{kind} in {runtime_name}, {windows}",
             )
         )
         if cfg.greedy_tokens and ids_list:
-            prompt = torch.tensor([ids_list[0][:16]])
-            ref_tokens = ort.greedy_generate_torch(converted.model, prompt, cfg.greedy_tokens)
-            fl_tokens = ort.greedy_generate_onnx(float_dir, prompt, cfg.greedy_tokens)
-            same = sum(1 for a, b in zip(ref_tokens, fl_tokens) if a == b)
-            m["onnx"]["greedy"] = {
-                "torch": ref_tokens,
-                "onnx_float": fl_tokens,
-                "prompt_tokens": int(prompt.shape[1]),
-            }
-            if float_dir != onnx_dir:
-                art_tokens = ort.greedy_generate_onnx(onnx_dir, prompt, cfg.greedy_tokens)
-                m["onnx"]["greedy"]["onnx_artifact"] = art_tokens
-                m["onnx"]["greedy"]["artifact_matching_prefix"] = next(
-                    (i for i, (a, b) in enumerate(zip(ref_tokens, art_tokens)) if a != b), len(art_tokens)
-                )
+            prompts = {"short": ids_list[0][:16]}
+            if long_ids:
+                prompts["long"] = long_ids
+            m["onnx"]["greedy"] = {}
+            for label, prompt in prompts.items():
+                pt = torch.tensor([prompt])
+                ref_tokens = ort.greedy_generate_torch(converted.model, pt, cfg.greedy_tokens)
+                runs = {"onnx_float": ort.greedy_generate_onnx(float_dir, pt, cfg.greedy_tokens)}
+                runs["onnx_artifact"] = artifact.greedy(prompt, cfg.greedy_tokens)
+                m["onnx"]["greedy"][label] = {"prompt_tokens": len(prompt), "torch": ref_tokens, **runs}
+                for which, toks in runs.items():
+                    same = next((i for i, (a, b) in enumerate(zip(ref_tokens, toks)) if a != b), len(toks))
+                    what = "ONNX float" if which == "onnx_float" else f"{kind} ({runtime_name})"
+                    res.checks.append(
+                        gate(
+                            f"{what} greedy tokens with KV cache identical, {label} prompt",
+                            float(ref_tokens == toks),
+                            "==",
+                            1.0,
+                            f"first {same}/{len(ref_tokens)} tokens equal after a {len(prompt)}-token prompt",
+                        )
+                    )
+        if cfg.long_prompt_tokens and not long_ids:
             res.checks.append(
-                gate(
-                    "ONNX float greedy tokens with KV cache identical",
-                    float(ref_tokens == fl_tokens),
-                    "==",
-                    1.0,
-                    f"{same}/{len(ref_tokens)} tokens equal",
+                Check(
+                    "long-prompt checks",
+                    None,
+                    detail=f"skipped: the held-out target text has fewer than {cfg.long_prompt_tokens} tokens",
                 )
             )
 
@@ -460,8 +505,8 @@ def validate(
         p_orig = [torch.tensor([e[:32]]) for e in original.tokenizer(docs, add_special_tokens=True)["input_ids"]]
         p_new = [torch.tensor([e[:32]]) for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"]]
         speed = {"original_torch": ort.decode_speed_torch(original.model, p_orig, cfg.speed_new_tokens)}
-        if onnx_dir is not None:
-            speed["artifact_onnx"] = ort.decode_speed_onnx(onnx_dir, p_new, cfg.speed_new_tokens)
+        if artifact is not None:
+            speed["artifact_onnx"] = artifact.decode_speed([p[0].tolist() for p in p_new], cfg.speed_new_tokens)
             speed["ratio_tokens_per_s"] = speed["artifact_onnx"]["tokens_per_s"] / speed["original_torch"]["tokens_per_s"]
             res.checks.append(
                 Check(

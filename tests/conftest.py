@@ -40,17 +40,21 @@ def ntrex_lines(lang: str) -> list[str]:
 
 
 def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool = True, seed: int = 0):
-    """A randomly initialised 2-layer causal LM of the given family (hidden 32, odd intermediate size 37)."""
+    """A randomly initialised 2-layer causal LM of the given family (hidden 64, odd intermediate size 37).
+
+    head_dim 16 (= hidden / heads, which optimum assumes) because onnxruntime's CPU GroupQueryAttention (export.format genai) needs a multiple of 16; the
+    Gemma 3 layers are both sliding-window layers (window 16), the pattern onnxruntime-genai's builder assumes
+    for the first five layers of six."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=64,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=16,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         bos_token_id=min(2, vocab_size - 1),
@@ -58,7 +62,7 @@ def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool
         pad_token_id=0,
     )
     if model_type == "gemma3_text":
-        kwargs.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        kwargs.update(sliding_window=16, layer_types=["sliding_attention", "sliding_attention"])
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

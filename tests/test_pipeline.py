@@ -40,7 +40,14 @@ def tiny_recipe(tmp: Path, ckpt: Path, **over) -> Path:
         "prune": {"method": "wanda", "sparsity": 0.5, "batch_size": 4},
         "vocab": {"min_count": 1},
         "export": {"quantize": "none"},
-        "validate": {"greedy_tokens": 8, "speed_prompts": 1, "speed_new_tokens": 4, "eval_seq_len": 48},
+        # a 100-token long prompt: past the tiny model's 16-token sliding window
+        "validate": {
+            "greedy_tokens": 8,
+            "long_prompt_tokens": 100,
+            "speed_prompts": 1,
+            "speed_new_tokens": 4,
+            "eval_seq_len": 48,
+        },
         "output": {"dir": str(tmp / "dist")},
     }
     for key, value in over.items():
@@ -113,6 +120,10 @@ def test_gates_and_report(release):
     assert names["tokenizer parity (held-out target text)"]["value"] == 1.0
     assert names["tokenizer round trip (all languages)"]["value"] == 1.0
     assert names["ONNX float vs PyTorch max |Δlogit|"]["value"] < 1e-3
+    for label in ("short", "long"):  # the float artifact in onnxruntime-genai, and the float graph in onnxruntime
+        assert names[f"ONNX float greedy tokens with KV cache identical, {label} prompt"]["passed"]
+        assert names[f"artifact (onnxruntime-genai) greedy tokens with KV cache identical, {label} prompt"]["passed"]
+    assert rep["onnx"]["long_prompt_tokens"] == 100 and rep["onnx"]["runtime"] == "onnxruntime-genai"
     assert rep["tokenizer"]["en"]["parity"]["gated"] is False
     assert rep["prune"]["measured_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert set(rep["quality"]) == {"ko", "en", "uk"}
@@ -122,18 +133,46 @@ def test_gates_and_report(release):
     assert "✓" in result.output and "release written to" in result.output
 
 
-def test_onnx_loads_in_optimum_and_generates(release):
-    from optimum.onnxruntime import ORTModelForCausalLM
+def test_release_generates_with_onnxruntime_genai(release):
+    """The default export format: the README's generate loop with onnxruntime-genai's own tokenizer."""
+    import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
     tmp, _, _ = release
     onnx_dir = tmp / "dist" / "tiny-ko" / "onnx"
+    rep = json.loads((tmp / "dist" / "tiny-ko" / "report.json").read_text())
+    assert rep["onnx"]["runtime"] == "onnxruntime-genai"
+    model = og.Model(str(onnx_dir))
+    tokenizer = og.Tokenizer(model)
+    prompt = "대한민국 헌법"
+    ids = tokenizer.encode(prompt)
+    # the trimmed tokenizer (onnxruntime-genai's encode adds no BOS; the prompt gets it from the chat template)
+    assert list(ids) == AutoTokenizer.from_pretrained(onnx_dir)(prompt, add_special_tokens=False)["input_ids"]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 5, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == len(ids) + 5
+    assert isinstance(tokenizer.decode(gen.get_sequence(0)), str)
+
+
+def test_optimum_format_release_loads_in_ortmodel(tiny_ckpt, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    recipe = tiny_recipe(tmp_path, tiny_ckpt, export={"format": "optimum", "quantize": "int8"})
+    # a random tiny model's logits are nearly tied, so int8 weights flip some top-1 tokens
+    args = [str(recipe), "--set", "validate.speed_prompts=0", "--set", "validate.onnx_min_top1_agreement=0.8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    onnx_dir = tmp_path / "dist" / "tiny-ko" / "onnx"
     model = ORTModelForCausalLM.from_pretrained(onnx_dir)
     tok = AutoTokenizer.from_pretrained(onnx_dir)
     ids = tok("대한민국 헌법", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
-    assert isinstance(tok.decode(out[0]), str)
 
 
 def test_same_recipe_gives_identical_safetensors(release, tiny_ckpt, tmp_path):

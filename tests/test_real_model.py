@@ -1,7 +1,8 @@
 """The real thing: Gemma 3 270M (PyPI GGUF) -> Korean release through `langconvert recipes/korean.yaml`.
 
-Slow (minutes on 2 cores: GGUF conversion, pruning 18 layers, ONNX export); CI runs it. Sample counts are
-reduced with --set so the run fits CI, everything else is the shipped recipe.
+Slow (minutes on 2 cores: GGUF conversion, pruning 18 layers, ONNX export); CI runs it. The held-out and speed
+counts are reduced with --set so the run fits CI; calibration is the shipped recipe's, because the least-squares
+refit of the pruned FFNs needs its 16k calibration tokens (on 2k it overfits: Korean +21.7% instead of +12.7%).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ def korean_release(tmp_path_factory):
     args = [
         str(ROOT / "recipes" / "korean.yaml"),
         "--set", f"output.dir={out}",
-        "--set", "calibration.num_samples=16",
-        "--set", "calibration.seq_len=128",
         "--set", "calibration.max_heldout_docs=24",
         "--set", "validate.speed_prompts=1",
         "--set", "validate.speed_new_tokens=8",
@@ -52,22 +51,31 @@ def test_korean_release_passes_its_gates(korean_release):
     assert tok["uk"]["after"]["byte_fallback_share"] > tok["uk"]["before"]["byte_fallback_share"]
     onnx = rep["onnx"]
     assert onnx["quantized"] and onnx["max_abs_logit_diff_float"] < 0.01
-    assert onnx["greedy"]["torch"] == onnx["greedy"]["onnx_float"]
+    assert onnx["runtime"] == "onnxruntime-genai" and onnx["long_prompt_tokens"] == 640  # past the 512 window
+    for label in ("short", "long"):  # the shipped int8 artifact in onnxruntime-genai, 16 tokens each
+        g = onnx["greedy"][label]
+        assert g["torch"] == g["onnx_float"] == g["onnx_artifact"] and len(g["torch"]) == 16
+    assert onnx["top1_agreement_artifact"] >= 0.9
     q = rep["quality"]["ko"]
     assert q["original"]["bpb"] < q["artifact"]["bpb"] < 3 * q["original"]["bpb"]
-    assert rep["prune"]["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert q["artifact_vs_converted"] <= 0.03  # the quantization's own cost
+    assert rep["export"]["format"] == "genai" and rep["export"]["quantize"] == "int8"
     md = (out / "report.md").read_text()
     assert "| vocabulary | 262,144 |" in md and "decode tokens/s" in md
 
 
-def test_artifact_generates_korean_with_optimum(korean_release):
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
+def test_artifact_generates_korean_with_onnxruntime_genai(korean_release):
+    import onnxruntime_genai as og
 
     out, _ = korean_release
-    model = ORTModelForCausalLM.from_pretrained(out / "onnx")
-    tok = AutoTokenizer.from_pretrained(out / "onnx")
-    ids = tok("대한민국의 수도는", return_tensors="pt")
-    gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    model = og.Model(str(out / "onnx"))
+    tok = og.Tokenizer(model)
+    ids = tok.encode("<bos>대한민국의 수도는")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    text = tok.decode(gen.get_sequence(0)[len(ids) :])
     assert regex.search(r"\p{Hangul}", text), text

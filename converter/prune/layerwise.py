@@ -16,6 +16,11 @@ sliding-window mask to sliding layers and a causal one to full-attention layers)
 shape, so they are recorded once per distinct batch size, with a forward that stops before the last layer runs.
 
 Magnitude pruning needs no activations at all, so it runs no forward. Embeddings and the lm_head are never touched.
+
+Structured FFN pruning (``method: experts``) walks the same way: while the dense layer i runs, hooks gather the
+FFN's per-language expert statistics (moe.py) and the Gram matrix of the down-projection's inputs; then the
+chosen neurons are removed from gate/up/down, down is refit (structured.py), and the shrunken layer produces the
+next layer's inputs. Every layer keeps the same width, so ``intermediate_size`` in the config stays one number.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from tqdm.auto import tqdm
 from converter.calibrate import CalibrationResult
 from converter.errors import DataError, ModelError, RecipeError
 from converter.load import LoadedModel
+from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
+from converter.prune.moe import ExpertStats, balanced_kmeans
 from converter.prune.wanda import ActivationNorms, magnitude_scores, wanda_scores
 from converter.recipe import PruneConfig
 
@@ -51,6 +58,7 @@ class PruneResult:
     zeroed_params: int = 0  # zeros among them after pruning
     seconds: float = 0.0
     device: str = "cpu"
+    ffn: dict[str, Any] = field(default_factory=dict)  # method experts: widths, selection, per-layer refit
 
     @property
     def overall_sparsity(self) -> float:
@@ -60,6 +68,12 @@ class PruneResult:
     def headline(self) -> str:
         if self.method == "none":
             return "no pruning (prune.method none): all weights kept"
+        if self.method == "experts":
+            f = self.ffn
+            return (
+                f"experts ({f.get('selection')}): FFN width {f.get('width_before')} -> {f.get('width_after')} in "
+                f"{self.num_linears // 3} layers, {f.get('params_removed', 0):,} parameters removed"
+            )
         return (
             f"{self.method} {self.sparsity:.0%} {self.pattern}: measured {self.overall_sparsity:.1%} "
             f"over {self.num_linears} linears"
@@ -82,6 +96,7 @@ class PruneResult:
             },
             "seconds": round(self.seconds, 3),
             "device": self.device,
+            **({"ffn": self.ffn} if self.ffn else {}),
         }
 
 
@@ -172,11 +187,14 @@ def _capture(
 
 
 def _run_layer(
-    layer: nn.Module, states: list[torch.Tensor], calls: dict[int, _LayerCall], device: str
+    layer: nn.Module, states: list[torch.Tensor], calls: dict[int, _LayerCall], device: str, before_batch=None
 ) -> list[torch.Tensor]:
-    """Run one layer on every batch; outputs (batch, seq, hidden) come back to CPU."""
+    """Run one layer on every batch; outputs (batch, seq, hidden) come back to CPU. ``before_batch(i)`` is
+    called before batch i runs (hooks use it to know which windows they see)."""
     outs = []
-    for h in states:
+    for bi, h in enumerate(states):
+        if before_batch is not None:
+            before_batch(bi)
         call = calls[h.shape[0]]
         out = layer(h.to(device), *call.args, **call.kwargs)
         if isinstance(out, (tuple, list)):
@@ -240,7 +258,7 @@ def prune(
     if nm:
         _check_nm(layers, arch.prunable_linears, to_prune, cfg.pattern, nm[1])
 
-    wanda = cfg.method == "wanda"
+    wanda = cfg.method in ("wanda", "experts")  # both need calibration activations
     states: list[torch.Tensor] = []
     calls_cpu: dict[int, list[_LayerCall]] = {}
     if wanda:
@@ -271,7 +289,9 @@ def prune(
         }
         linears = arch.prunable_linears(layer)
 
-        if pruned:
+        if pruned and cfg.method == "experts":
+            _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
+        elif pruned:
             norms: dict[str, ActivationNorms] = {}
             if wanda:
                 handles = []
@@ -306,7 +326,18 @@ def prune(
         if wanda and i < last_needed:
             states = _run_layer(layer, states, calls, device)
         layer.to(home)
-        if pruned:
+        if pruned and cfg.method == "experts":
+            log.info(
+                "prune: layer %d/%d FFN %d -> %d neurons, reconstruction error %.3g -> %.3g (%.2fs)",
+                i,
+                n_layers - 1,
+                result.ffn["width_before"],
+                result.ffn["width_after"],
+                result.ffn["layers"][str(i)]["error_removed"],
+                result.ffn["layers"][str(i)]["error_refit"],
+                time.perf_counter() - t_layer,
+            )
+        elif pruned:
             mean = sum(result.per_layer[i].values()) / max(len(result.per_layer[i]), 1)
             log.info(
                 "prune: layer %d/%d %s, %d linears, mean measured sparsity %.1f%% (%.2fs)",
@@ -320,8 +351,122 @@ def prune(
         else:
             log.info("prune: layer %d/%d left dense (prune.skip_layers)", i, n_layers - 1)
 
+    if cfg.method == "experts" and result.ffn:
+        arch.set_ffn_width(result.ffn["width_after"])
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     result.seconds = time.perf_counter() - t0
     log.info("prune: %s in %.1fs", result.headline, result.seconds)
     return result
+
+
+def _prune_ffn(
+    arch,
+    layer: nn.Module,
+    index: int,
+    states: list[torch.Tensor],
+    calls: dict[int, _LayerCall],
+    device: str,
+    calib: CalibrationResult,
+    cfg: PruneConfig,
+    result: PruneResult,
+) -> None:
+    """Structured FFN pruning of one layer, in place (see the module doc and structured.py)."""
+    gate, up, down = arch.ffn(layer)
+    width = up.out_features
+    if width % cfg.experts:
+        raise ModelError(
+            f"prune.experts {cfg.experts} does not divide the FFN width {width} of layer {index}; choose a divisor "
+            f"of {width} (e.g. {next(e for e in (64, 32, 16, 8, 4, 2, 1) if width % e == 0)})."
+        )
+    labels = balanced_kmeans(up.weight.data.detach().cpu(), cfg.experts, seed=index)
+    stats = ExpertStats(labels, cfg.experts)
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    x_sq = torch.zeros(up.in_features, dtype=torch.float64)
+    langs = calib.window_langs
+    batch = {"i": 0}
+
+    def on_down(_m, args):
+        a = args[0].detach()  # (b, s, I): the down-projection's inputs
+        flat = a.reshape(-1, width).float()
+        gram.add_((flat.T @ flat).double().cpu())
+        first = batch["i"] * cfg.batch_size
+        for j in range(a.shape[0]):
+            stats.add(langs[first + j] if first + j < len(langs) else "?", a[j])
+
+    def on_up(_m, args):
+        x_sq.add_(args[0].detach().float().pow(2).reshape(-1, up.in_features).sum(0).double().cpu())
+
+    handles = [down.register_forward_pre_hook(on_down), up.register_forward_pre_hook(on_up)]
+    try:
+        _run_layer(layer, states, calls, device, before_batch=lambda bi: batch.__setitem__("i", bi))
+    finally:
+        for h in handles:
+            h.remove()
+
+    tokens = sum(stats.tokens.values())
+    if cfg.refit and index == 0 and tokens < 4 * width:
+        log.warning(
+            "prune: the refit sees %d calibration tokens for FFNs %d wide; with fewer than 4x the width the least "
+            "squares overfit the calibration text: raise calibration.num_samples or seq_len",
+            tokens,
+            width,
+        )
+    n_remove = round(cfg.sparsity * cfg.experts)
+    n_keep = width - n_remove * (width // cfg.experts)
+    if n_keep <= 0:
+        raise RecipeError(f"prune.sparsity {cfg.sparsity:g} would remove every FFN neuron; lower it.")
+    groups = sorted(stats.tokens)
+    pooled = sum(stats.act[g] for g in groups) / max(sum(stats.tokens.values()), 1)
+    if cfg.expert_selection == "activation":
+        keep = structured.keep_from_experts(pooled, labels, n_remove)
+    elif cfg.expert_selection == "random":
+        g = torch.Generator().manual_seed(1000 + index)
+        keep = structured.keep_from_experts(torch.rand(cfg.experts, generator=g), labels, n_remove)
+    else:
+        scores = structured.wanda_sp_scores(
+            gate.weight.data.cpu() if gate is not None else None,
+            up.weight.data.cpu(),
+            down.weight.data.cpu(),
+            x_sq,
+            gram.diagonal(),
+        )
+        keep = structured.keep_from_neurons(scores, n_keep)
+    w_down = down.weight.data.detach().cpu()
+    plain = w_down[:, keep]
+    err_removed = structured.reconstruction_error(w_down, gram, keep, plain)
+    refit = cfg.refit and len(keep) < width  # nothing removed: nothing to compensate, weights stay as they are
+    new_down = structured.refit_down(w_down, gram, keep) if refit else plain.clone()
+    err_refit = structured.reconstruction_error(w_down, gram, keep, new_down) if refit else err_removed
+    total = structured.reconstruction_error(w_down, gram, torch.arange(0), torch.zeros(w_down.shape[0], 0))
+    dev = down.weight.device
+    arch.replace_ffn(
+        layer,
+        structured.shrink_linear(gate, keep, 0) if gate is not None else None,
+        structured.shrink_linear(up, keep, 0),
+        structured.shrink_linear(down, keep, 1, weight=new_down.to(dev)),
+    )
+    removed_params = (width - len(keep)) * (up.in_features * (3 if gate is not None else 2))
+    ffn = result.ffn or {
+        "selection": cfg.expert_selection,
+        "experts": cfg.experts,
+        "width_before": width,
+        "width_after": len(keep),
+        "refit": cfg.refit,
+        "params_removed": 0,
+        "layers": {},
+    }
+    ffn["params_removed"] += removed_params
+    ffn["layers"][str(index)] = {
+        "kept": len(keep),
+        # Σ‖A W^T − A_K W'^T‖² relative to Σ‖A W^T‖² (the layer's FFN output energy on calibration tokens)
+        "error_removed": err_removed / max(total, 1e-30),
+        "error_refit": err_refit / max(total, 1e-30),
+        "expert_share": {g: [round(float(v), 5) for v in stats.mean_activation(g)] for g in groups},
+        "expert_frequency": {g: [round(float(v), 4) for v in stats.frequency(g)] for g in groups},
+    }
+    result.ffn = ffn
+    result.per_layer[index] = {"ffn_width_removed": 1 - len(keep) / width}
+    result.num_linears += 3 if gate is not None else 2
+    result.pruned_linear_params += width * up.in_features * (3 if gate is not None else 2)
+    result.zeroed_params += removed_params

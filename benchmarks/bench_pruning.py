@@ -1,0 +1,138 @@
+"""Pruning methods side by side on one model, same calibration and held-out text, one run (DESIGN.md rule 9).
+
+For each configuration a fresh copy of the model is loaded, pruned by langconvert's own ``prune`` stage with
+the recipe's calibration windows, and scored with validate's ``score_texts`` (bits per UTF-8 byte) on the same
+held-out documents of every recipe language (target and control). Wall time and peak RSS of the prune stage
+are measured in a child process per configuration. The vocabulary is not trimmed and nothing is quantized, so
+the numbers are pruning's own cost.
+
+    python benchmarks/bench_pruning.py                        # Gemma 3 270M, recipes/korean.yaml's languages
+    python benchmarks/bench_pruning.py --configs original,experts25 --heldout 24
+    python benchmarks/bench_pruning.py --write                # append the table to RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+
+# name -> recipe overrides of the prune section
+CONFIGS: dict[str, dict] = {
+    "original": {"method": "none"},
+    "wanda50": {"method": "wanda", "sparsity": 0.5},
+    "experts25": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": True},
+    "experts25-norefit": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": False},
+    "random25": {"method": "experts", "sparsity": 0.25, "expert_selection": "random", "refit": True},
+    "wandasp25": {"method": "experts", "sparsity": 0.25, "expert_selection": "wanda-sp", "refit": True},
+    "experts50": {"method": "experts", "sparsity": 0.5, "expert_selection": "activation", "refit": True},
+    "random50": {"method": "experts", "sparsity": 0.5, "expert_selection": "random", "refit": True},
+}
+
+
+def child(job_path: Path) -> None:
+    job = json.loads(job_path.read_text())
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from converter.calibrate import calibrate
+    from converter.load import load_model
+    from converter.prune import prune
+    from converter.recipe import PruneConfig, load_recipe
+    from converter.validate import score_texts, torch_logits_fn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    recipe = load_recipe(job["recipe"], job["overrides"])
+    loaded = load_model(recipe.model, recipe.base_dir)
+    calib = calibrate(
+        loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources
+    )
+    cfg = PruneConfig(**{**recipe.prune.model_dump(), **job["prune"]})
+    t0 = time.perf_counter()
+    res = prune(loaded, calib, cfg, "cpu")
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn = torch_logits_fn(loaded.model)
+    quality = {}
+    for code, d in calib.languages.items():
+        docs = d.heldout_docs[: job["heldout"]]
+        quality[code] = score_texts(fn, loaded.tokenizer, docs, recipe.validate_cfg.eval_seq_len)["bpb"]
+    params = sum(p.numel() for p in loaded.model.parameters())
+    out = {
+        "bpb": quality,
+        "prune_seconds": seconds,
+        "peak_rss": rss,
+        "params": params,
+        "ffn_width": getattr(loaded.model.config, "intermediate_size", None),
+        "headline": res.headline,
+    }
+    job_path.with_suffix(".out.json").write_text(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "korean.yaml"))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--heldout", type=int, default=48, help="held-out documents per language")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            job = Path(tmp) / f"{name}.json"
+            job.write_text(
+                json.dumps(
+                    {"recipe": args.recipe, "overrides": args.overrides, "prune": CONFIGS[name], "heldout": args.heldout}
+                )
+            )
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--child", str(job)], check=True)
+            rows[name] = json.loads(job.with_suffix(".out.json").read_text())
+            print(f"{name}: {rows[name]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    langs = list(next(iter(rows.values()))["bpb"])
+    base = rows.get("original")
+    lines = [
+        f"### Pruning on {Path(args.recipe).name}'s model ({datetime.now(timezone.utc):%Y-%m-%d}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)\n",
+        "",
+        f"Bits per byte on {args.heldout} held-out documents per language (float, untrimmed vocabulary); "
+        "change against the original in parentheses. Prune wall time and peak RSS of the prune child process.",
+        "",
+        "| configuration | FFN width | parameters | " + " | ".join(f"{c} bpb" for c in langs) + " | prune s | peak RSS MB |",
+        "|---|---:|---:|" + "---:|" * len(langs) + "---:|---:|",
+    ]
+    for name, r in rows.items():
+        cells = []
+        for c in langs:
+            v = r["bpb"][c]
+            rel = f" ({100 * (v / base['bpb'][c] - 1):+.1f}%)" if base and name != "original" else ""
+            cells.append(f"{v:.3f}{rel}")
+        lines.append(
+            f"| {name} | {r['ffn_width']} | {r['params'] / 1e6:.1f} M | " + " | ".join(cells)
+            + f" | {r['prune_seconds']:.0f} | {r['peak_rss'] / 1e6:,.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""``export.format: optimum``: optimum's decoder-with-past export, loadable by ``ORTModelForCausalLM``.
+
+optimum ``main_export`` (task from arch.py, ``text-generation-with-past``) writes ``model.onnx`` with inputs
+``input_ids``, ``attention_mask`` (+ ``position_ids`` for some families) and ``past_key_values.{i}.key/value``,
+outputs ``logits`` and ``present.{i}.key/value``. The TorchScript exporter folds ``lm_head.weight.T`` into a
+second initializer and optimum's own de-duplication skips families whose embedding is not a plain
+``nn.Embedding`` (Gemma 3's ``Gemma3TextScaledWordEmbedding``), so graph.py ties them afterwards.
+All optimum usage lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from converter.errors import ExportError
+from converter.export import graph
+from converter.export.io import ONNX_NAME, save, short
+
+log = logging.getLogger(__name__)
+
+# Written by optimum from the loaded model; the checkpoint's copies of everything else are taken verbatim.
+OPTIMUM_OWNED = ("config.json", "generation_config.json")
+
+
+def build(model_dir: Path, out_dir: Path, task: str, opset: int | None) -> bool:
+    """Float export into ``out_dir``; returns whether a tied embedding is stored once."""
+    _optimum_export(model_dir, out_dir, task, opset)
+    return _tie_float(out_dir / ONNX_NAME)
+
+
+def _optimum_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) -> None:
+    try:
+        from optimum.exporters.onnx import main_export
+
+        main_export(
+            str(model_dir),
+            output=out_dir,
+            task=task,
+            opset=opset,
+            device="cpu",
+            do_validation=False,  # validate.py compares against PyTorch itself
+            local_files_only=True,
+            library_name="transformers",
+        )
+    except ExportError:
+        raise
+    except Exception as exc:
+        log.debug("optimum export failed", exc_info=True)
+        hint = "check that the checkpoint loads with transformers and its family is supported by optimum-onnx"
+        if opset:
+            hint += f", and try export.opset: null instead of {opset}"
+        raise ExportError(f"ONNX export of '{model_dir}' failed ({short(exc)}); {hint}.") from exc
+    if not (out_dir / ONNX_NAME).is_file():
+        raise ExportError(
+            f"ONNX export of '{model_dir}' wrote no {ONNX_NAME} (got {sorted(p.name for p in out_dir.iterdir())}); "
+            "the task may not match the model, check arch.py's onnx_task."
+        )
+
+
+def _tie_float(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        tied = graph.tie_transposed_embedding(model)
+        if tied:
+            save(model, path)
+        return bool(tied)
+    except Exception as exc:
+        log.debug("tying the embedding failed", exc_info=True)
+        raise ExportError(
+            f"post-processing the ONNX export '{path}' failed ({short(exc)}); check the disk "
+            "space and that onnx can load the file."
+        ) from exc
