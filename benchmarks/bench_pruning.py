@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE))
+from bench_peers import _cpu  # noqa: E402  (one description of the machine for every table)
 
 # name -> recipe overrides of the prune section
 CONFIGS: dict[str, dict] = {
@@ -109,7 +110,7 @@ def main() -> None:
     base = rows.get("original")
     lines = [
         f"### Pruning on {Path(args.recipe).name}'s model ({datetime.now(timezone.utc):%Y-%m-%d}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)\n",
+        f"{_cpu()}, {os.cpu_count()} cores)\n",
         "",
         f"Bits per byte on {args.heldout} held-out documents per language (float, untrimmed vocabulary); "
         "change against the original in parentheses. Prune wall time and peak RSS of the prune child process.",

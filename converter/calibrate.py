@@ -30,6 +30,7 @@ class LanguageData:
     calibrate: bool = True
     keep_vocab: bool = True
     script_tokens: bool = True
+    top_tokens: int | None = None  # the tokenizer's best-ranked tokens of this language's scripts to keep
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +193,7 @@ def calibrate(
             calibrate=lang.calibrate,
             keep_vocab=lang.keep_vocab,
             script_tokens=lang.script_tokens,
+            top_tokens=lang.top_tokens,
         )
         log.info(
             "%s: %d calibration docs (%d tokens), %d held-out docs",

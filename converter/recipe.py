@@ -79,6 +79,15 @@ class LanguageSpec(_Strict):
         "a language sharing a large script (e.g. English in Latin) to keep only the tokens its corpus uses; its "
         "parity is then reported, not gated.",
     )
+    top_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep this many tokens written in this language's scripts, those the tokenizer itself ranks "
+        "first (BPE: the order of the merge that makes the token, i.e. its frequency in the tokenizer's training "
+        "text; Unigram: the piece score), on top of its corpus tokens. For a language that shares a large script "
+        "(English in Latin) instead of script_tokens: its common words stay whole whatever the calibration "
+        "corpus holds. null: none.",
+    )
     keep_vocab: bool = Field(
         default=True,
         description="Keep this language's tokens (corpus and script policies). Set false for a control language "

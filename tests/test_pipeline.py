@@ -33,7 +33,12 @@ def tiny_recipe(tmp: Path, ckpt: Path, **over) -> Path:
         "model": {"source": str(ckpt)},
         "languages": [
             {"code": "ko", "weight": 3, "sources": [str(ntrex / "newstest2019-ref.kor.txt")]},
-            {"code": "en", "script_tokens": False, "sources": [str(ntrex / "newstest2019-ref.eng-US.txt")]},
+            {
+                "code": "en",
+                "script_tokens": False,
+                "top_tokens": 500,
+                "sources": [str(ntrex / "newstest2019-ref.eng-US.txt")],
+            },
             {"code": "uk", "calibrate": False, "keep_vocab": False, "sources": [str(ntrex / "newstest2019-ref.ukr.txt")]},
         ],
         "calibration": {"num_samples": 8, "seq_len": 32, "max_heldout_docs": 12},
@@ -125,6 +130,7 @@ def test_gates_and_report(release):
         assert names[f"artifact (onnxruntime-genai) greedy tokens with KV cache identical, {label} prompt"]["passed"]
     assert rep["onnx"]["long_prompt_tokens"] == 100 and rep["onnx"]["runtime"] == "onnxruntime-genai"
     assert rep["tokenizer"]["en"]["parity"]["gated"] is False
+    assert rep["vocab"]["policies"]["ranked"] == 500  # English: the tokenizer's 500 best-ranked Latin tokens
     assert rep["prune"]["measured_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert set(rep["quality"]) == {"ko", "en", "uk"}
     md = (out / "report.md").read_text()

@@ -95,7 +95,7 @@ def test_select_and_rebuild_hand_worked(pair_merges):
     tj = _tiny_tj(pair_merges)
     sel = select_ids(tj, [Counter({7: 3, 12: 1}), Counter({9: 1})], min_count=2)
     # corpus keeps abc (count 3); xy (1) and cd (1) fall below min_count; always: <unk>, <s>; closure: ab, a, b, c
-    expected = {"corpus": 1, "scripts": 0, "neutral": 0, "keep_tokens": 0, "chat_template": 0, "always": 2}
+    expected = {"corpus": 1, "scripts": 0, "ranked": 0, "neutral": 0, "keep_tokens": 0, "chat_template": 0, "always": 2}
     assert sel.policies == sel.only == expected
     assert sel.closure_added == 4
     assert sel.kept == [0, 1, 2, 3, 4, 6, 7]
@@ -117,6 +117,33 @@ def test_select_and_rebuild_hand_worked(pair_merges):
     assert enc.tokens == ["<s>", "abc", "ab", "c", "ab"]
     assert trimmed.encode("bc").tokens == ["<s>", "b", "c"]  # b+c was dropped with bc
     assert trimmed.encode("xd").tokens == ["<s>", "<unk>", "<unk>"]
+
+
+def test_ranked_policy_keeps_the_tokenizers_best_ranked_script_tokens():
+    tj = _tiny_tj()
+    # ranks: the base symbols a b c d x y need no merge (first), then ab (merge 0), abc (1), bc (2), cd (3), xy (4)
+    sel = select_ids(tj, Counter(), ranked=[(["Latin"], 7)])
+    assert sel.policies["ranked"] == 7 and sel.kept == [0, 1, 2, 3, 4, 5, 6, 10, 11]
+    sel = select_ids(tj, Counter(), ranked=[(["Latin"], 9)])
+    assert sel.kept == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]  # + abc, bc
+    assert select_ids(tj, Counter(), ranked=[(["Hangul"], 9)]).policies["ranked"] == 0
+
+
+def test_ranked_policy_on_gpt2_keeps_common_english_words():
+    require_shared()
+    tok = Tokenizer.from_file(str(TOKENIZERS / "gpt2" / "tokenizer.json"))
+    tj = json.loads(tok.to_str())
+    sel = select_ids(tj, Counter(), ranked=[(["Latin"], 5000)])
+    assert sel.policies["ranked"] == 5000
+    vocab = tok.get_vocab()
+    kept = set(sel.kept)
+    for word in ("Ġthe", "Ġand", "Ġgovernment", "Ġpeople"):
+        assert vocab[word] in kept, word
+    # the rare ones go: GPT-2's last merges are not kept
+    from converter.vocab.select import parse_bpe
+
+    last = [r for _, _, r in parse_bpe(tj).merges[-200:]]
+    assert not kept & set(last)
 
 
 def test_coverage_keeps_the_most_frequent_corpus_tokens():
@@ -434,7 +461,7 @@ def test_result_summary_and_token_map_file(trimmed, tmp_path):
     assert (
         set(s["policies"])
         == set(s["only"])
-        == {"corpus", "scripts", "neutral", "keep_tokens", "chat_template", "always"}
+        == {"corpus", "scripts", "ranked", "neutral", "keep_tokens", "chat_template", "always"}
     )
     data = json.loads(r.write_token_map(tmp_path / "token_map.json").read_text())
     assert data["new_to_old"] == r.token_map and data["vocab_after"] == len(r.token_map)

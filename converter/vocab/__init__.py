@@ -225,9 +225,11 @@ def trim_tokenizer_json(
     cfg: VocabConfig,
     extra_ids: Iterable[int] = (),
     template_ids: Iterable[int] = (),
+    ranked: Iterable[tuple[Iterable[str], int]] = (),
 ) -> TrimmedTokenizer:
     """The shared core: select ids on a tokenizer.json dict and rebuild it. ``scripts`` are used as given
-    (callers decide whether cfg.keep_scripts applies); cfg.extra_scripts are always added."""
+    (callers decide whether cfg.keep_scripts applies); cfg.extra_scripts are always added. ``ranked``: (scripts,
+    n) per language with top_tokens."""
     view = parse_tokenizer(tj)
     all_scripts = normalize_scripts([*scripts, *cfg.extra_scripts])
     sel = select_ids(
@@ -242,6 +244,7 @@ def trim_tokenizer_json(
         template_ids=template_ids,
         unreachable=Unreachable(tj, view),
         view=view,
+        ranked=[(normalize_scripts(list(sc)), n) for sc, n in ranked],
     )
     new_tj, token_map = rebuild_tokenizer_json(tj, sel.kept)
     return TrimmedTokenizer(new_tj, token_map, sel)
@@ -404,8 +407,9 @@ def trim_vocab(
             scripts.extend(d.scripts or language_scripts(d.code))
     log.info("trim_vocab: start (%d tokens, languages %s)", len(tok), ", ".join(d.code for d in kept_langs))
 
+    ranked = [(d.scripts or language_scripts(d.code), d.top_tokens) for d in kept_langs if d.top_tokens]
     new_tj, token_map, sel = trim_tokenizer_json(
-        tj, counts, scripts, cfg, config_token_ids(loaded.model), chat_template_ids(tok)
+        tj, counts, scripts, cfg, config_token_ids(loaded.model), chat_template_ids(tok), ranked
     )
     new_tok = _load_trimmed_fast_tokenizer(tok, new_tj, token_map)
     stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map)

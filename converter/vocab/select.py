@@ -381,6 +381,26 @@ class Selection:
         }
 
 
+def token_ranks(view: VocabView) -> dict[int, float]:
+    """How highly the tokenizer itself ranks each model token (lower = more frequent in its training text).
+
+    BPE: the rank of the merge that produces the token (base symbols, which need no merge, rank first);
+    Unigram: minus the piece's log-probability; WordPiece: the id (vocabularies are written in frequency order).
+    A BPE token no merge produces and that is no base symbol gets no rank: it is never emitted by merging.
+    """
+    if view.family == "BPE":
+        ranks: dict[int, float] = {}
+        for r, (_, _, res) in enumerate(view.merges):
+            ranks.setdefault(res, float(r))
+        for tok, i in view.vocab.items():
+            if view.base_symbol(tok):
+                ranks[i] = -1.0
+        return ranks
+    if view.family == "Unigram":
+        return {i: -s for i, s in view.scores.items()}
+    return {i: float(i) for i in view.vocab.values()}
+
+
 def _coverage_prefix(total: Counter, coverage: float) -> list[int]:
     """The most frequent ids whose counts add up to at least ``coverage`` of all occurrences (ties: lower id)."""
     ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -439,6 +459,7 @@ def select_ids(
     template_ids: Iterable[int] = (),
     unreachable: Container[int] = frozenset(),
     view: VocabView | None = None,
+    ranked: Iterable[tuple[Iterable[str], int]] = (),
 ) -> Selection:
     """Choose the ids to keep.
 
@@ -500,6 +521,21 @@ def select_ids(
                 # text with an unseen run like '?!' or '..."' would tokenize differently.
                 neutral_ids.add(i)
 
+    # (b2) ranked: per language, the n best-ranked tokens written in its scripts.
+    ranked_ids: set[int] = set()
+    rank_of: dict[int, float] = {}
+    for rscripts, n in ranked:
+        rmatch = ScriptMatcher(rscripts)
+        if not rmatch.scripts:
+            continue
+        rank_of = rank_of or token_ranks(view)
+        cands = [
+            i
+            for tok, i in view.vocab.items()
+            if i not in view.added_ids and i in rank_of and i not in skip and classify_token(view, tok, rmatch) == "script"
+        ]
+        ranked_ids.update(sorted(cands, key=lambda i: (rank_of[i], i))[:n])
+
     # (c) explicit keep_tokens.
     keep_ids: set[int] = set()
     content_to_id = {t: i for i, t in known.items()}
@@ -532,6 +568,7 @@ def select_ids(
     groups = {
         "corpus": corpus,
         "scripts": script_ids,
+        "ranked": ranked_ids,
         "neutral": neutral_ids,
         "keep_tokens": keep_ids,
         "chat_template": template,
@@ -547,8 +584,11 @@ def select_ids(
         for a, b, r in view.merges:
             producers.setdefault(r, []).append((a, b))
         by_count = sorted(corpus, key=lambda i: (-total[i], i))
-        rest = sorted((script_ids | neutral_ids) - corpus)
-        kept, cap_dropped = _capped([*by_count, *rest], always | keep_ids | template, producers, max_size)
+        by_rank = sorted(ranked_ids - corpus, key=lambda i: (rank_of[i], i))
+        rest = sorted((script_ids | neutral_ids) - corpus - ranked_ids)
+        kept, cap_dropped = _capped(
+            [*by_count, *by_rank, *rest], always | keep_ids | template, producers, max_size
+        )
         for g in groups.values():  # report what each policy contributed after the cap
             g &= kept
         added = kept - set().union(*groups.values())

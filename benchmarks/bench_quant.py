@@ -1,0 +1,112 @@
+"""Weight-only quantization choices on a release's own checkpoint, in one process, in onnxruntime-genai.
+
+For each variant, ``export_onnx`` (format genai) writes the artifact from the release's ``model/``; then every
+artifact is timed in turn, ``--repeats`` rounds interleaved so drift hits all alike (median kept), and scored:
+bits per byte on the last ``--heldout`` NTREX lines of Korean and English (inside the Korean recipe's held-out
+split) against the converted PyTorch model, with validate's ``score_texts``.
+
+    python benchmarks/bench_quant.py --release dist/gemma3-270m-ko [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE))
+from bench_peers import _cpu  # noqa: E402  (one description of the machine for every table)
+
+NTREX = REPO.parent / "shared" / "data" / "corpora" / "ntrex128"
+
+VARIANTS = {
+    "float32": {"quantize": "none"},
+    "int8 block 32": {"quantize": "int8", "block_size": 32},
+    "int8 block 64": {"quantize": "int8", "block_size": 64},
+    "int8 block 128": {"quantize": "int8", "block_size": 128},
+    "int4 block 32": {"quantize": "int4", "block_size": 32},
+    "int4 block 32, lm_head 8-bit": {"quantize": "int4", "block_size": 32, "lm_head_bits": 8},
+    "int4 block 32, mse scales": {"quantize": "int4", "block_size": 32, "scale_search": "mse"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--release", type=Path, default=REPO / "dist" / "gemma3-270m-ko")
+    ap.add_argument("--heldout", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converter.export import export_onnx
+    from converter.recipe import ExportConfig
+    from converter.runtime import GenaiDecoder, artifact_logits_fn
+    from converter.validate import score_texts, torch_logits_fn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_dir = args.release / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = {
+        "ko": (NTREX / "newstest2019-ref.kor.txt").read_text(encoding="utf-8").splitlines(),
+        "en": (NTREX / "newstest2019-ref.eng-US.txt").read_text(encoding="utf-8").splitlines(),
+    }
+    heldout = {c: ls[-args.heldout :] for c, ls in texts.items()}
+    prompts = [tok(t)["input_ids"][:32] for t in texts["ko"][-args.heldout - 4 : -args.heldout]]
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ref = {c: score_texts(torch_logits_fn(ref_model), tok, d, 256)["bpb"] for c, d in heldout.items()}
+    del ref_model
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        decs, sizes, bpb = {}, {}, {}
+        for name, opts in VARIANTS.items():
+            out = Path(tmp) / str(len(decs))
+            res = export_onnx(model_dir, out / "onnx", ExportConfig(context_length=2048, **opts), out / "w")
+            shutil.rmtree(out / "w", ignore_errors=True)
+            sizes[name] = res.bytes
+            decs[name] = GenaiDecoder(res.onnx_dir, max_length=2048)
+            bpb[name] = {c: score_texts(artifact_logits_fn(decs[name]), tok, d, 256)["bpb"] for c, d in heldout.items()}
+        speed = {name: [] for name in decs}
+        for _ in range(args.repeats):
+            for name, dec in decs.items():
+                speed[name].append(dec.decode_speed(prompts, args.new_tokens)["tokens_per_s"])
+    base = statistics.median(speed["float32"])
+    lines = [
+        f"### Weight-only quantization of `{args.release.name}/model` ({datetime.now(timezone.utc):%Y-%m-%d}, "
+        f"{_cpu()}, {os.cpu_count()} cores)",
+        "",
+        f"`python benchmarks/bench_quant.py --release {args.release}`: genai exports of the release's checkpoint, "
+        f"decode tok/s the median of {args.repeats} interleaved rounds (4 Korean prompts of 32 tokens, "
+        f"{args.new_tokens} greedy tokens), bits per byte on {args.heldout} held-out NTREX lines against the "
+        f"converted PyTorch model (ko {ref['ko']:.4f}, en {ref['en']:.4f}).",
+        "",
+        "| variant | weights MB | decode tok/s | × float32 | ko bpb | vs PyTorch | en bpb | vs PyTorch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in decs:
+        tps = statistics.median(speed[name])
+        b = bpb[name]
+        lines.append(
+            f"| {name} | {sizes[name] / 1e6:,.1f} | {tps:.1f} | {tps / base:.2f} | {b['ko']:.4f} | "
+            f"{100 * (b['ko'] / ref['ko'] - 1):+.2f}% | {b['en']:.4f} | {100 * (b['en'] / ref['en'] - 1):+.2f}% |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
