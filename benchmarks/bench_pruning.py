@@ -34,6 +34,7 @@ from bench_peers import _cpu  # noqa: E402  (one description of the machine for 
 CONFIGS: dict[str, dict] = {
     "original": {"method": "none"},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
     "experts25": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": True},
     "experts25-norefit": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": False},
     "random25": {"method": "experts", "sparsity": 0.25, "expert_selection": "random", "refit": True},

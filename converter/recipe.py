@@ -124,9 +124,11 @@ class CalibrationConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    method: Literal["none", "magnitude", "wanda", "experts"] = Field(
+    method: Literal["none", "magnitude", "wanda", "sparsegpt", "experts"] = Field(
         default="wanda",
-        description="'wanda': |W|·‖X‖₂ per input channel from calibration activations; 'magnitude': |W|; "
+        description="'wanda': |W|·‖X‖₂ per input channel from calibration activations; 'sparsegpt': masks from "
+        "w²/[H⁻¹]_jj² with the pruned weights' error spread over the kept ones (second-order update from the "
+        "calibration Hessian XᵀX); 'magnitude': |W|; "
         "'experts': structured FFN pruning, the FFN neurons split into experts (MoE-fication) and the experts "
         "the calibration languages use least removed, so intermediate_size shrinks; 'none': keep all weights.",
     )
@@ -163,6 +165,15 @@ class PruneConfig(_Strict):
         default_factory=list, description="Decoder layer indices left dense (e.g. the first and last)."
     )
     batch_size: int = Field(default=8, ge=1, description="Calibration windows per forward pass in each layer.")
+    sparsegpt_blocksize: int = Field(
+        default=128, ge=1, description="With method sparsegpt: columns per lazy-update block (a multiple of M for N:M)."
+    )
+    sparsegpt_damp: float = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description="With method sparsegpt: dampening added to the Hessian's diagonal, as a share of its mean.",
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -192,6 +203,11 @@ class PruneConfig(_Strict):
                     "transformers and every export format); remove prune.skip_layers"
                 )
         nm = self.nm
+        if nm and self.method == "sparsegpt" and self.sparsegpt_blocksize % nm[1]:
+            raise ValueError(
+                f"prune.sparsegpt_blocksize {self.sparsegpt_blocksize} must be a multiple of M={nm[1]} for "
+                f"pattern '{self.pattern}'"
+            )
         if nm and self.method != "none" and abs(nm[0] / nm[1] - self.sparsity) > 1e-9:
             raise ValueError(
                 f"prune.pattern '{self.pattern}' needs prune.sparsity {nm[0] / nm[1]:g}, got {self.sparsity:g}"

@@ -40,6 +40,7 @@ from converter.load import LoadedModel
 from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
 from converter.prune.moe import ExpertStats, balanced_kmeans
+from converter.prune.sparsegpt import HessianAccumulator, sparsegpt
 from converter.prune.wanda import ActivationNorms, magnitude_scores, wanda_scores
 from converter.recipe import PruneConfig
 
@@ -258,7 +259,7 @@ def prune(
     if nm:
         _check_nm(layers, arch.prunable_linears, to_prune, cfg.pattern, nm[1])
 
-    wanda = cfg.method in ("wanda", "experts")  # both need calibration activations
+    wanda = cfg.method in ("wanda", "sparsegpt", "experts")  # these need calibration activations
     states: list[torch.Tensor] = []
     calls_cpu: dict[int, list[_LayerCall]] = {}
     if wanda:
@@ -291,6 +292,29 @@ def prune(
 
         if pruned and cfg.method == "experts":
             _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
+        elif pruned and cfg.method == "sparsegpt":
+            hess = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
+            handles = [
+                lin.register_forward_pre_hook(lambda _m, args, acc=hess[name]: acc.add_batch(args[0]))
+                for name, lin in linears.items()
+            ]
+            try:
+                _run_layer(layer, states, calls, device)
+            finally:
+                for h in handles:
+                    h.remove()
+            stats = {}
+            for name, lin in linears.items():
+                w = lin.weight.data  # (out_features, in_features)
+                new, _keep = sparsegpt(
+                    w, hess[name].h, cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp
+                )
+                w.copy_(new)
+                stats[name] = measured_sparsity(w)
+                result.pruned_linear_params += w.numel()
+                result.zeroed_params += int((w == 0).sum())
+            result.per_layer[i] = stats
+            result.num_linears += len(linears)
         elif pruned:
             norms: dict[str, ActivationNorms] = {}
             if wanda:
