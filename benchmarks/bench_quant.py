@@ -3,7 +3,8 @@
 For each variant, ``export_onnx`` (format genai) writes the artifact from the release's ``model/``; then every
 artifact is timed in turn, ``--repeats`` rounds interleaved so drift hits all alike (median kept), and scored:
 bits per byte on the last ``--heldout`` NTREX lines of Korean and English (inside the Korean recipe's held-out
-split) against the converted PyTorch model, with validate's ``score_texts``.
+split) against the converted PyTorch model, with validate's ``score_texts``, and the share of those Korean
+positions where the artifact's top-1 token is PyTorch's.
 
     python benchmarks/bench_quant.py --release dist/gemma3-270m-ko [--write]
 """
@@ -32,6 +33,7 @@ VARIANTS = {
     "float32": {"quantize": "none"},
     "int8 block 32": {"quantize": "int8", "block_size": 32},
     "int8 block 64": {"quantize": "int8", "block_size": 64},
+    "int8 block 64, mse scales": {"quantize": "int8", "block_size": 64, "scale_search": "mse"},
     "int8 block 128": {"quantize": "int8", "block_size": 128},
     "int4 block 32": {"quantize": "int4", "block_size": 32},
     "int4 block 32, lm_head 8-bit": {"quantize": "int4", "block_size": 32, "lm_head_bits": 8},
@@ -67,9 +69,12 @@ def main() -> None:
     prompts = [tok(t)["input_ids"][:32] for t in texts["ko"][-args.heldout - 4 : -args.heldout]]
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = {c: score_texts(torch_logits_fn(ref_model), tok, d, 256)["bpb"] for c, d in heldout.items()}
+    ko_ids = [e[:256] for e in tok(heldout["ko"])["input_ids"]]
+    with torch.no_grad():
+        ref_top1 = [ref_model(torch.tensor([e])).logits[0].argmax(-1) for e in ko_ids]
     del ref_model
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
-        decs, sizes, bpb = {}, {}, {}
+        decs, sizes, bpb, top1 = {}, {}, {}, {}
         for name, opts in VARIANTS.items():
             out = Path(tmp) / str(len(decs))
             res = export_onnx(model_dir, out / "onnx", ExportConfig(context_length=2048, **opts), out / "w")
@@ -77,6 +82,10 @@ def main() -> None:
             sizes[name] = res.bytes
             decs[name] = GenaiDecoder(res.onnx_dir, max_length=2048)
             bpb[name] = {c: score_texts(artifact_logits_fn(decs[name]), tok, d, 256)["bpb"] for c, d in heldout.items()}
+            same = sum(
+                int((torch.from_numpy(decs[name].logits(e)).argmax(-1) == r).sum()) for e, r in zip(ko_ids, ref_top1)
+            )
+            top1[name] = same / sum(len(e) for e in ko_ids)
         speed = {name: [] for name in decs}
         for _ in range(args.repeats):
             for name, dec in decs.items():
@@ -91,15 +100,16 @@ def main() -> None:
         f"{args.new_tokens} greedy tokens), bits per byte on {args.heldout} held-out NTREX lines against the "
         f"converted PyTorch model (ko {ref['ko']:.4f}, en {ref['en']:.4f}).",
         "",
-        "| variant | weights MB | decode tok/s | × float32 | ko bpb | vs PyTorch | en bpb | vs PyTorch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | weights MB | decode tok/s | × float32 | ko bpb | vs PyTorch | en bpb | vs PyTorch | ko top-1 = PyTorch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in decs:
         tps = statistics.median(speed[name])
         b = bpb[name]
         lines.append(
             f"| {name} | {sizes[name] / 1e6:,.1f} | {tps:.1f} | {tps / base:.2f} | {b['ko']:.4f} | "
-            f"{100 * (b['ko'] / ref['ko'] - 1):+.2f}% | {b['en']:.4f} | {100 * (b['en'] / ref['en'] - 1):+.2f}% |"
+            f"{100 * (b['ko'] / ref['ko'] - 1):+.2f}% | {b['en']:.4f} | {100 * (b['en'] / ref['en'] - 1):+.2f}% | "
+            f"{100 * top1[name]:.1f}% |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -142,6 +142,13 @@ def preflight(rec) -> None:
     model_type = read_model_type(rec.model, rec.base_dir)
     if model_type is not None:
         spec_for(model_type)
+    if rec.export.enabled and rec.export.format == "genai":
+        from converter.export.genai import check_config, resolve_context_length
+        from converter.load import read_model_config
+
+        config = read_model_config(rec.model, rec.base_dir)
+        if config is not None:
+            check_config(config, resolve_context_length(config, rec.export.context_length))
     if rec.model.tokenizer:
         tok = rec.resolve(rec.model.tokenizer)
         if not (tok / "tokenizer.json").is_file():

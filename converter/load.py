@@ -164,6 +164,23 @@ def read_model_type(spec: ModelSpec, base_dir: Path | None = None) -> str | None
     return None
 
 
+def read_model_config(spec: ModelSpec, base_dir: Path | None = None) -> dict[str, Any] | None:
+    """Every config attribute (defaults included) of a local checkpoint directory, without weights; None for
+    GGUF files and Hub ids."""
+    src = resolve_source(spec.source, base_dir)
+    if not (isinstance(src, Path) and src.is_dir()):
+        return None
+    read_model_type(spec, base_dir)  # the clear errors for a missing or damaged config.json
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            src, local_files_only=True, trust_remote_code=spec.trust_remote_code
+        ).to_dict()
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"'{src / 'config.json'}' cannot be read by transformers ({exc}); re-save the checkpoint.") from None
+
+
 def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     """Load the model and tokenizer the recipe names, on CPU, in eval mode."""
     import torch

@@ -211,12 +211,14 @@ def greedy_generate_torch(model: Any, input_ids: torch.Tensor, max_new_tokens: i
 # --------------------------------------------------------------------------------------------------- speed
 
 
-def _decode_speed(
-    start: Callable[[torch.Tensor], Callable[[], int]],
-    prompts: Sequence[torch.Tensor],
+def timed_decode(
+    start: Callable[[Any], Callable[[], int]],
+    prompts: Sequence[Any],
     new_tokens: int,
     warmup: int,
 ) -> dict[str, Any]:
+    """The one timing loop for every runtime: ``start(prompt)`` returns a ``next_token()`` closure whose first
+    call runs the prefill (see the module doc for what is measured)."""
     if not prompts:
         raise ValueError("decode speed needs at least one prompt")
     if new_tokens < 2:
@@ -249,7 +251,7 @@ def decode_speed_onnx(
     onnx: OnnxDecoder | Path | str, prompts: Sequence[torch.Tensor], new_tokens: int, warmup: int = 1
 ) -> dict[str, Any]:
     """Greedy decode timing of the ONNX model; see the module doc for what is measured."""
-    return _decode_speed(_onnx_stepper(_decoder(onnx)), prompts, new_tokens, warmup)
+    return timed_decode(_onnx_stepper(_decoder(onnx)), prompts, new_tokens, warmup)
 
 
 def decode_speed_torch(
@@ -257,4 +259,4 @@ def decode_speed_torch(
 ) -> dict[str, Any]:
     """Greedy decode timing of the PyTorch model, measured exactly like :func:`decode_speed_onnx`."""
     model.eval()
-    return _decode_speed(_torch_stepper(model), prompts, new_tokens, warmup)
+    return timed_decode(_torch_stepper(model), prompts, new_tokens, warmup)

@@ -35,6 +35,8 @@ def is_genai_dir(path: Path | str) -> bool:
 
 
 class GenaiDecoder:
+    runtime = "onnxruntime-genai"
+
     def __init__(self, model_dir: Path | str, max_length: int | None = None):
         """``max_length``: KV capacity per generator instead of the artifact's own (benchmarks use it to give
         every artifact the same)."""
@@ -86,13 +88,15 @@ class GenaiDecoder:
 
     def decode_speed(self, prompts: Sequence[Sequence[int]], new_tokens: int, warmup: int = 1) -> dict[str, Any]:
         """Timed exactly like converter.ort's loops (the same function), the prefill inside the first token."""
-        from converter.ort import _decode_speed
+        from converter.ort import timed_decode
 
-        return {**_decode_speed(self._start, prompts, new_tokens, warmup), "runtime": "onnxruntime-genai"}
+        return {**timed_decode(self._start, prompts, new_tokens, warmup), "runtime": self.runtime}
 
 
 class OrtArtifact:
     """A plain onnxruntime session (optimum format, or any float graph) behind GenaiDecoder's three operations."""
+
+    runtime = "onnxruntime"
 
     def __init__(self, onnx_dir: Path | str):
         from converter import ort
@@ -115,7 +119,7 @@ class OrtArtifact:
         import torch
 
         out = self._ort.decode_speed_onnx(self.decoder, [torch.tensor([list(p)]) for p in prompts], new_tokens, warmup)
-        out["runtime"] = "onnxruntime"
+        out["runtime"] = self.runtime
         return out
 
 

@@ -414,7 +414,7 @@ def validate(
             agree["artifact"][1] += len(e)
         top1_float = agree["float"][0] / max(1, agree["float"][1])
         top1_art = agree["artifact"][0] / max(1, agree["artifact"][1])
-        runtime_name = "onnxruntime-genai" if type(artifact).__name__ == "GenaiDecoder" else "onnxruntime"
+        runtime_name = artifact.runtime
         m["onnx"] = {
             "max_abs_logit_diff_float": max_diff,
             "top1_agreement_float": top1_float,

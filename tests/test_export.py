@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 
 from converter import ort
-from converter.errors import ExportError
+from converter.errors import ExportError, ModelError, RecipeError
 from converter.export import export_onnx
 from converter.export.quantize import block_quantize, dequantize, pack_codes
 from converter.recipe import ExportConfig
@@ -345,17 +345,17 @@ def test_genai_refuses_what_its_builder_cannot_carry(tmp_path):
     cfg = m.config
     cfg.head_dim = 8
     ckpt = _save_checkpoint(AutoModelForCausalLM.from_config(cfg), tmp_path / "hd8")
-    with pytest.raises(ExportError, match="head_dim 8 is not a multiple of 16.*use export.format: optimum"):
+    with pytest.raises(ModelError, match="head_dim 8 is not a multiple of 16.*use export.format: optimum"):
         export_onnx(ckpt, tmp_path / "onnx", ExportConfig(), tmp_path / "work")
     g = tiny_model("gemma3_text", VOCAB).config
     g.layer_types = ["sliding_attention", "full_attention"]
     ckpt = _save_checkpoint(AutoModelForCausalLM.from_config(g), tmp_path / "g3")
-    with pytest.raises(ExportError, match="layer_types differ"):
+    with pytest.raises(ModelError, match="layer_types differ"):
         export_onnx(ckpt, tmp_path / "onnx", ExportConfig(), tmp_path / "work")
     g.layer_types = ["sliding_attention"] * 2
     g.sliding_window = 32
     ckpt = _save_checkpoint(AutoModelForCausalLM.from_config(g), tmp_path / "g3b")
-    with pytest.raises(ExportError, match="context_length 16 is below the model's 32-token sliding window"):
+    with pytest.raises(RecipeError, match="context_length 16 is below the model's 32-token sliding window"):
         export_onnx(ckpt, tmp_path / "onnx", ExportConfig(context_length=16), tmp_path / "work")
     assert not (tmp_path / "onnx").exists()
 

@@ -220,3 +220,23 @@ def test_runtime_failure_exits_3_and_keeps_manifest(tiny_ckpt, tmp_path, monkeyp
     man = json.loads((tmp_path / "dist" / "tiny-ko.failed" / "manifest.json").read_text())
     assert man["status"] == "failed" and man["stages"]["export"]["status"] == "failed"
     assert man["stages"]["save"]["status"] == "ok"
+
+
+def test_genai_refusal_is_found_before_any_weight_is_loaded(tmp_path):
+    """A model onnxruntime-genai's builder cannot carry: `check` and `run` exit 2 with one sentence, and the
+    run writes nothing; with export.format optimum the same recipe passes `check`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_model("llama", vocab_size=512, tie=False).config
+    cfg.head_dim = 8
+    ckpt = tmp_path / "hd8"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
+    recipe = tiny_recipe(tmp_path, ckpt, vocab={"enabled": False}, prune={"method": "none"})
+    for cmd in (["check", str(recipe)], [str(recipe)]):
+        result = CliRunner().invoke(main, cmd)
+        assert result.exit_code == 2, result.output
+        assert "head_dim 8 is not a multiple of 16" in result.output and "export.format: optimum" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+    result = CliRunner().invoke(main, ["check", str(recipe), "--set", "export.format=optimum"])
+    assert result.exit_code == 0, result.output

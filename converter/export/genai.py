@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from converter.errors import ExportError
+from converter.errors import ExportError, ModelError, RecipeError
 from converter.export.io import ONNX_NAME, save, short
 
 log = logging.getLogger(__name__)
@@ -40,28 +40,36 @@ DATA_NAME = ONNX_NAME + ".data"
 _ROPE_CACHES = ("cos_cache", "sin_cache")
 
 
+DEFAULT_CONTEXT_LENGTH = 4096
+
+
+def resolve_context_length(config: dict, requested: int | None) -> int:
+    """``export.context_length``, or (null) the model's max_position_embeddings, at most 4096."""
+    if requested is not None:
+        return requested
+    return min(DEFAULT_CONTEXT_LENGTH, config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
+
+
 def check_config(config: dict, context_length: int) -> None:
-    """ExportError naming the fix when the builder cannot carry this checkpoint or the context length."""
+    """One sentence naming the fix when the builder cannot carry this model (ModelError) or the recipe's
+    context length does not fit it (RecipeError); both are bad input, found before any weight is converted."""
     from converter.arch import genai_incompatibility
 
     why = genai_incompatibility(config)
     if why:
-        raise ExportError(f"export.format 'genai' cannot convert this model: {why}; use export.format: optimum.")
+        raise ModelError(f"export.format 'genai' cannot convert this model: {why}; use export.format: optimum.")
     window = config.get("sliding_window")
     if window and context_length < window:
-        raise ExportError(
+        raise RecipeError(
             f"export.context_length {context_length} is below the model's {window}-token sliding window, which "
             f"onnxruntime-genai's KV buffer must hold; set export.context_length >= {window}."
         )
     limit = config.get("max_position_embeddings")
     if limit and context_length > limit:
-        raise ExportError(
+        raise RecipeError(
             f"export.context_length {context_length} exceeds the model's max_position_embeddings {limit}; "
             f"set export.context_length <= {limit}."
         )
-
-
-DEFAULT_CONTEXT_LENGTH = 4096
 
 
 def build(model_dir: Path, out_dir: Path, context_length: int | None) -> dict[str, Any]:
@@ -72,8 +80,7 @@ def build(model_dir: Path, out_dir: Path, context_length: int | None) -> dict[st
 
     # every attribute, also those config.json leaves out because they equal the family's defaults
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True).to_dict()
-    if context_length is None:
-        context_length = min(DEFAULT_CONTEXT_LENGTH, config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
+    context_length = resolve_context_length(config, context_length)
     check_config(config, context_length)
     tied = bool(config.get("tie_word_embeddings", False))
     try:
