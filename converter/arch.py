@@ -130,6 +130,14 @@ class Arch:
         return self.lm_head().weight.data_ptr() == self.input_embeddings().weight.data_ptr()
 
 
+def causal_lm_class(model_type: str) -> str | None:
+    """The class transformers' AutoModelForCausalLM builds for a model_type: the architecture a config.json
+    without an ``architectures`` entry loads as, and the one langconvert then saves in ``model/config.json``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+
+
 def genai_incompatibility(config: dict) -> str | None:
     """Why onnxruntime-genai's builder cannot convert a checkpoint with this config.json faithfully, or None.
 
@@ -138,7 +146,7 @@ def genai_incompatibility(config: dict) -> str | None:
     - the builder assumes Gemma 3's fixed pattern of five sliding-window layers then one global layer
       (``(i + 1) % 6 != 0`` is local); a config whose ``layer_types`` differ would get the wrong attention.
     """
-    arch = (config.get("architectures") or [None])[0]
+    arch = (config.get("architectures") or [None])[0] or causal_lm_class(config.get("model_type", ""))
     spec = FAMILIES.get(config.get("model_type", ""))
     if spec is None or arch not in spec.genai_architectures:
         return f"architecture {arch} is not one onnxruntime-genai's builder converts"

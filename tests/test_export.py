@@ -360,6 +360,18 @@ def test_genai_refuses_what_its_builder_cannot_carry(tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+def test_genai_architecture_comes_from_the_config_or_its_model_type():
+    from converter.arch import genai_incompatibility
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    assert genai_incompatibility(base) is None  # no `architectures`: the class AutoModelForCausalLM builds
+    assert genai_incompatibility({**base, "architectures": ["LlamaForCausalLM"]}) is None
+    assert "LlamaForSequenceClassification is not one" in genai_incompatibility(
+        {**base, "architectures": ["LlamaForSequenceClassification"]}
+    )
+    assert "is not one" in genai_incompatibility({**base, "model_type": "olmo2"})  # a family the builder lacks
+
+
 def test_export_recipe_combinations_are_checked():
     from pydantic import ValidationError
 
