@@ -1,13 +1,14 @@
-"""What vocabulary trimming alone costs a shared-script language, for several ``top_tokens`` budgets.
+"""What vocabulary trimming alone costs a shared-script language, for several ``top_tokens`` or ``top_words``
+budgets.
 
-The recipe's model is loaded once and calibrated as the recipe says; for each budget of the language's
-``top_tokens`` (0: its corpus tokens only) a copy is trimmed by the pipeline's own ``trim_vocab`` (no pruning, no
-quantization, ``vocab.max_size`` lifted so the budget is not capped) and scored with validate's ``score_texts``
-on that language's held-out documents against the untrimmed model; held-out parity is validate's
-``tokenizer_parity``.
+The recipe's model is loaded once and calibrated as the recipe says (``--set`` overrides apply, e.g.
+``vocab.max_size=null`` to lift the cap); for each budget of the language's ``--policy`` (0: its corpus tokens
+only; the other policy is switched off) a copy is trimmed by the pipeline's own ``trim_vocab`` (no pruning, no
+quantization) and scored with validate's ``score_texts`` on the held-out documents of that language and of
+``--also`` languages against the untrimmed model; held-out parity is validate's ``tokenizer_parity``.
 
     python benchmarks/bench_trim_quality.py                          # English in recipes/korean.yaml
-    python benchmarks/bench_trim_quality.py --lang en --budgets 0,12000,16000,30000 --write
+    python benchmarks/bench_trim_quality.py --policy top_words --budgets 0,20000,50000 --also ko --write
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "korean.yaml"))
     ap.add_argument("--lang", default="en")
     ap.add_argument("--budgets", default="0,12000,16000,30000")
+    ap.add_argument("--policy", choices=("top_tokens", "top_words"), default="top_tokens")
+    ap.add_argument("--also", default="", help="Comma-separated languages also scored (e.g. ko).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override KEY=VALUE.")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -42,37 +46,54 @@ def main() -> None:
     from converter.validate import score_texts, tokenizer_parity, torch_logits_fn
     from converter.vocab import trim_vocab
 
-    recipe = load_recipe(args.recipe, ["vocab.max_size=null"])
+    recipe = load_recipe(args.recipe, args.overrides)
     loaded = load_model(recipe.model, recipe.base_dir)
     calib = calibrate(loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources)
-    docs = calib.languages[args.lang].heldout_docs
-    base = score_texts(torch_logits_fn(loaded.model), loaded.tokenizer, docs, recipe.validate_cfg.eval_seq_len)["bpb"]
+    langs = [args.lang, *[c for c in args.also.split(",") if c]]
+    seq = recipe.validate_cfg.eval_seq_len
+    base = {c: score_texts(torch_logits_fn(loaded.model), loaded.tokenizer, calib.languages[c].heldout_docs, seq)["bpb"] for c in langs}
+    other = "top_words" if args.policy == "top_tokens" else "top_tokens"
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         trimmed = copy.copy(loaded)
         trimmed.model = copy.deepcopy(loaded.model)
         trimmed.arch = Arch.of(trimmed.model)
         c = copy.deepcopy(calib)
-        c.languages[args.lang].top_tokens = budget or None
+        setattr(c.languages[args.lang], args.policy, budget or None)
+        setattr(c.languages[args.lang], other, None)
         res = trim_vocab(trimmed, c, recipe.vocab)
-        bpb = score_texts(torch_logits_fn(trimmed.model), trimmed.tokenizer, docs, recipe.validate_cfg.eval_seq_len)["bpb"]
-        par = tokenizer_parity(loaded.tokenizer, trimmed.tokenizer, res.token_map, docs)
-        rows.append((budget, res.vocab_after, bpb, par["identical"], par["docs"]))
+        fn = torch_logits_fn(trimmed.model)
+        per = {}
+        for code in langs:
+            docs = calib.languages[code].heldout_docs
+            bpb = score_texts(fn, trimmed.tokenizer, docs, seq)["bpb"]
+            par = tokenizer_parity(loaded.tokenizer, trimmed.tokenizer, res.token_map, docs)
+            per[code] = (bpb, par["identical"], par["docs"])
+        rows.append((budget, res.vocab_after, per))
         print(rows[-1], flush=True)
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    also = f" --also {args.also}" if args.also else ""
     lines = [
         f"### Trimming alone, `{args.lang}` in {Path(args.recipe).name} ({datetime.now(timezone.utc):%Y-%m-%d}, "
         f"{_cpu()}, {os.cpu_count()} cores)",
         "",
-        f"`python benchmarks/bench_trim_quality.py --lang {args.lang} --budgets {args.budgets}`: the recipe's "
-        f"vocabulary policies with `{args.lang}`'s `top_tokens` set to each budget (0: corpus tokens only), no "
-        f"pruning or quantization, `vocab.max_size` lifted; bits per byte on {len(docs)} held-out documents "
-        f"against the untrimmed model ({base:.4f}).",
+        f"`python benchmarks/bench_trim_quality.py --lang {args.lang} --policy {args.policy} --budgets "
+        f"{args.budgets}{also}{sets}`: the recipe's vocabulary policies with `{args.lang}`'s `{args.policy}` set "
+        f"to each budget (0: corpus tokens only) and `{other}` off, no pruning or quantization; bits per byte on "
+        f"the held-out documents against the untrimmed model ("
+        + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
+        + ").",
         "",
-        "| top_tokens | vocabulary | bits per byte | change | held-out documents tokenized as before |",
-        "|---:|---:|---:|---:|---:|",
+        f"| {args.policy} | vocabulary | "
+        + " | ".join(f"{k} bits per byte | {k} change | {k} documents tokenized as before" for k in langs)
+        + " |",
+        "|---:|---:|" + "---:|---:|---:|" * len(langs),
     ]
-    for budget, vocab, bpb, same, n in rows:
-        lines.append(f"| {budget:,} | {vocab:,} | {bpb:.4f} | {100 * (bpb / base - 1):+.2f}% | {same}/{n} |")
+    for budget, vocab, per in rows:
+        cells = " | ".join(
+            f"{bpb:.4f} | {100 * (bpb / base[k] - 1):+.2f}% | {same}/{n}" for k, (bpb, same, n) in per.items()
+        )
+        lines.append(f"| {budget:,} | {vocab:,} | {cells} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:

@@ -31,6 +31,7 @@ class LanguageData:
     keep_vocab: bool = True
     script_tokens: bool = True
     top_tokens: int | None = None  # the tokenizer's best-ranked tokens of this language's scripts to keep
+    top_words: int | None = None  # the tokens of this language's most frequent words (wordfreq) to keep
 
     @property
     def num_tokens(self) -> int:
@@ -194,6 +195,7 @@ def calibrate(
             keep_vocab=lang.keep_vocab,
             script_tokens=lang.script_tokens,
             top_tokens=lang.top_tokens,
+            top_words=lang.top_words,
         )
         log.info(
             "%s: %d calibration docs (%d tokens), %d held-out docs",

@@ -247,9 +247,12 @@ def vocab(
             raise
         _fail(exc, debug)
     par = stats["heldout"]["parity"]
+    sc = stats["script_check"]
+    exhaustive = f"; every code point of {', '.join(sc['scripts'])}: {sc['strings'] - sc['differ']:,}/{sc['strings']:,} " \
+        "strings as before" if sc else ""
     click.echo(
         f"vocab {stats['vocab_before']:,} -> {stats['vocab_after']:,}; held-out parity "
-        f"{par['identical']}/{par['docs']}; written to {out_dir}"
+        f"{par['identical']}/{par['docs']}{exhaustive}; written to {out_dir}"
     )
 
 
@@ -326,7 +329,9 @@ def trim_tokenizer_dir(
     if has_json:
         from transformers import AutoTokenizer
 
-        original = AutoTokenizer.from_pretrained(tokenizer_dir)
+        from converter.load import load_tokenizer
+
+        original = load_tokenizer(tokenizer_dir)
     else:
         original = SentencePieceTokenizer(spm_files[0])
     counts = Counter(t for ids in original(calib, add_special_tokens=False)["input_ids"] for t in ids)
@@ -347,6 +352,7 @@ def trim_tokenizer_dir(
             "vocab_before": len(original),
             "vocab_after": len(trimmed),
             "selection": result.stats.summary(),
+            "script_check": result.stats.script_check,
             "heldout": {
                 "docs": len(held),
                 "parity": tokenizer_parity(original, trimmed, result.token_map, held),

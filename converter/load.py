@@ -181,6 +181,68 @@ def read_model_config(spec: ModelSpec, base_dir: Path | None = None) -> dict[str
         raise ModelError(f"'{src / 'config.json'}' cannot be read by transformers ({exc}); re-save the checkpoint.") from None
 
 
+# Keys transformers 5 writes into tokenizer_config.json that describe how it was loaded, not the tokenizer.
+_LOAD_BOOKKEEPING = ("backend", "is_local", "local_files_only")
+
+
+def _known_tokenizer_class(name: str) -> bool:
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        return any(tokenizer_class_from_name(c) is not None for c in (f"{name}Fast", name) if c)
+    except Exception:  # noqa: BLE001 - a malformed name is simply not a known class
+        return False
+
+
+def portable_tokenizer_config(cfg: dict[str, Any], has_model_config: bool = False) -> dict[str, Any]:
+    """A tokenizer_config.json both transformers 4.57 and 5 load, with the same special tokens and settings.
+
+    - ``tokenizer_class`` that this transformers does not know (``TokenizersBackend`` from transformers 5, a
+      remote class without its code) or that is missing (and no config.json beside it names a model type)
+      becomes ``PreTrainedTokenizerFast``, which reads tokenizer.json as it is; so loading never depends on the
+      folder's name.
+    - transformers 5's list-valued ``extra_special_tokens`` becomes ``additional_special_tokens`` (4.57 reads
+      that key as a name -> token mapping), and its load bookkeeping (``backend``, ``is_local``) is dropped.
+    """
+    out = {k: v for k, v in cfg.items() if k not in _LOAD_BOOKKEEPING}
+    cls = out.get("tokenizer_class")
+    if (cls and not _known_tokenizer_class(str(cls))) or (not cls and not has_model_config):
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+        out.pop("auto_map", None)
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):
+        out.pop("extra_special_tokens")
+        merged = list(out.get("additional_special_tokens") or [])
+        out["additional_special_tokens"] = merged + [t for t in extra if t not in merged]
+    return out
+
+
+def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
+    """The fast tokenizer of a local directory holding tokenizer.json, with or without a tokenizer_config.json
+    written by transformers 4 or 5 (special tokens, chat template and added tokens kept), whatever the folder
+    is called. A tokenizer_config.json that needs no change is loaded as is."""
+    from transformers import AutoTokenizer
+
+    cfg_path = directory / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"'{cfg_path}' is not valid JSON; re-save the tokenizer or delete that file.") from None
+    has_model_config = (directory / "config.json").is_file()
+    portable = portable_tokenizer_config(cfg, has_model_config)
+    if portable == cfg and cfg_path.is_file():
+        return AutoTokenizer.from_pretrained(directory, use_fast=True, trust_remote_code=trust_remote_code)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="langconvert-tokenizer-") as tmp:
+        stage = Path(tmp)
+        for f in directory.iterdir():
+            if f.is_file() and f.name not in ("tokenizer_config.json", "config.json"):
+                (stage / f.name).symlink_to(f.resolve())
+        (stage / "tokenizer_config.json").write_text(json.dumps(portable, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(stage, use_fast=True, trust_remote_code=trust_remote_code)
+
+
 def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     """Load the model and tokenizer the recipe names, on CPU, in eval mode."""
     import torch
@@ -242,8 +304,12 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
         tok_dir = ckpt
         tok_src = load_from
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
-        original_tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
+        if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(tok_dir, spec.trust_remote_code)
+            original_tokenizer = load_tokenizer(tok_dir, spec.trust_remote_code)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
+            original_tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"no usable tokenizer for '{spec.source}' ({str(exc).splitlines()[0][:160]}); set model.tokenizer to a "

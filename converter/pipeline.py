@@ -68,6 +68,7 @@ def run_validation(recipe: Recipe, converted: LoadedModel, vocab: VocabResult, c
             and (not recipe.vocab.enabled or (recipe.vocab.keep_scripts and lang.script_tokens))
         },
         runtime=export.runtime if export else None,
+        script_check=vocab.script_check if vocab.trimmed else None,
     )
 
 

@@ -88,11 +88,31 @@ class LanguageSpec(_Strict):
         "(English in Latin) instead of script_tokens: its common words stay whole whatever the calibration "
         "corpus holds. null: none.",
     )
+    top_words: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Keep the tokens of this language's N most frequent words from the wordfreq package's word "
+        "list (about 40 languages), as they appear in running text: after a space, Capitalized after a space and "
+        "at a line start. Independent of the calibration corpus; with vocab.max_size, the "
+        "tokens of the rarest words are left out first. null: none.",
+    )
     keep_vocab: bool = Field(
         default=True,
         description="Keep this language's tokens (corpus and script policies). Set false for a control language "
         "that is only evaluated.",
     )
+
+    @model_validator(mode="after")
+    def _word_list_exists(self) -> LanguageSpec:
+        if self.top_words is not None:
+            from converter.vocab.words import check_language
+
+            try:
+                check_language(self.code)
+            except RecipeError as exc:
+                raise ValueError(str(exc).removeprefix("top_words: ").rstrip(".")) from None
+        return self
 
     @field_validator("code")
     @classmethod
@@ -245,6 +265,13 @@ class VocabConfig(_Strict):
     )
     keep_tokens: list[str] = Field(
         default_factory=list, description="Token strings kept regardless of the policies above."
+    )
+    drop_reserved: bool = Field(
+        default=False,
+        description="Drop the placeholder special tokens a tokenizer reserves for later use and no text or "
+        "template contains (Gemma's 6,242 '<unusedN>', Llama 3's '<|reserved_special_token_N|>', BERT's "
+        "'[unusedN]'), unless the model config names them. Their rows go to the policies above; the release can "
+        "no longer give them a meaning by fine-tuning.",
     )
 
 

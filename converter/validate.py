@@ -280,9 +280,11 @@ def validate(
     float_onnx_dir: Path | None = None,
     parity_gated: set[str] | None = None,
     runtime: str | None = None,
+    script_check: dict[str, Any] | None = None,
 ) -> ValidateResult:
     """``parity_gated``: target languages whose tokenization the trim guarantees (default: every target).
-    ``runtime``: the artifact's runtime ('onnxruntime-genai' or 'onnxruntime'; default: from its files)."""
+    ``runtime``: the artifact's runtime ('onnxruntime-genai' or 'onnxruntime'; default: from its files).
+    ``script_check``: the trim's exhaustive script check (``vocab.probe.script_check``), gated at no difference."""
     res = ValidateResult()
     m = res.metrics
     targets = [d for d in calib.languages.values() if d.keep_vocab]
@@ -316,6 +318,19 @@ def validate(
                 f"{parity_same}/{parity_docs} documents identical after the id remap ("
                 + ", ".join(d.code for d in targets if parity_gated is None or d.code in parity_gated)
                 + ")",
+            )
+        )
+    if script_check is not None:
+        m["script_check"] = script_check
+        per = ", ".join(f"{name} {v['code_points']:,}" for name, v in script_check["scripts"].items())
+        res.checks.append(
+            gate(
+                "every code point of the kept scripts tokenizes as before",
+                1.0 - script_check["differ"] / max(script_check["strings"], 1),
+                ">=",
+                1.0,
+                f"{script_check['strings'] - script_check['differ']:,}/{script_check['strings']:,} strings (code "
+                f"points: {per}; each alone, after a space, between its neighbours)",
             )
         )
     chat_docs = [doc for d in targets for doc in d.heldout_docs[:3]]

@@ -266,6 +266,9 @@ def test_vocab_command_trims_a_tokenizer_directory(tmp_path):
     assert stats["vocab_before"] == 151_665 and stats["vocab_after"] < 20_000
     assert stats["heldout"]["round_trip"]["share"] == 1.0
     assert stats["selection"]["policies"]["chat_template"] > 0
+    sc = stats["script_check"]  # every Hangul code point, alone / after a space / between neighbours
+    assert sc["passed"] and sc["strings"] == 3 * sc["scripts"]["Hangul"]["code_points"] > 3 * 11_172
+    assert "11,172" not in result.output and "strings as before" in result.output
     assert stats["chat_template"]["share"] == 1.0 and stats["chat_template"]["renders"] >= 2
     ctrl = stats["control"]["ukr.txt"]
     # Ukrainian is not kept: it still round-trips, through smaller pieces (more tokens per character).
@@ -292,6 +295,7 @@ def test_vocab_command_on_a_sentencepiece_model_alone(tmp_path):
     assert stats["heldout"]["round_trip"]["share"] == 1.0 and stats["heldout"]["parity"]["share"] > 0.9
     assert stats["control"]["kor.txt"]["round_trip"]["share"] == 1.0
     assert stats["chat_template"] is None
+    assert stats["script_check"]["passed"] and set(stats["script_check"]["scripts"]) == {"Cyrillic"}
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "token_map.json", "tokenizer.model"]
 
 

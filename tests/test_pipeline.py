@@ -124,6 +124,8 @@ def test_gates_and_report(release):
     names = {c["name"]: c for c in rep["checks"]}
     assert names["tokenizer parity (held-out target text)"]["value"] == 1.0
     assert names["tokenizer round trip (all languages)"]["value"] == 1.0
+    every = names["every code point of the kept scripts tokenizes as before"]
+    assert every["passed"] and "Hangul 11,7" in every["detail"]  # gated: the trim kept all of Hangul
     assert names["ONNX float vs PyTorch max |Δlogit|"]["value"] < 1e-3
     for label in ("short", "long"):  # the float artifact in onnxruntime-genai, and the float graph in onnxruntime
         assert names[f"ONNX float greedy tokens with KV cache identical, {label} prompt"]["passed"]

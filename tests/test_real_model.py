@@ -44,6 +44,9 @@ def test_korean_release_passes_its_gates(korean_release):
     assert size["after"]["vocab_size"] < 100_000  # Hangul + English corpus tokens, not the whole Latin script
     assert size["after"]["parameters"] < 0.7 * size["before"]["parameters"]
     assert size["after"]["onnx_bytes"] < size["before"]["checkpoint_bytes"] / 3  # int8 and trimmed
+    checks = {c["name"]: c for c in rep["checks"]}
+    assert checks["every code point of the kept scripts tokenizes as before"]["passed"]  # all of Hangul
+    assert rep["vocab"]["policies"]["top_words"] > 10_000 and size["after"]["vocab_size"] <= 75_000
     tok = rep["tokenizer"]
     # One held-out Korean line quotes an unseen Latin word (see recipes/korean.yaml): 23/24 lines identical.
     assert tok["ko"]["parity"]["share"] >= 0.95 and tok["ko"]["parity"]["gated"]

@@ -19,7 +19,7 @@ from converter.load import LoadedModel
 from converter.recipe import VocabConfig
 from converter.vocab import VocabResult, trim_tokenizer, trim_tokenizer_json, trim_vocab
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
-from converter.vocab.select import classify_token, merge_closure, parse_bpe, select_ids
+from converter.vocab.select import bytes_to_unicode, classify_token, merge_closure, parse_bpe, select_ids
 from converter.vocab.slice import slice_model
 from tests.conftest import NTREX_FILES, TOKENIZERS, ntrex_lines, require_shared, tiny_model
 
@@ -95,7 +95,8 @@ def test_select_and_rebuild_hand_worked(pair_merges):
     tj = _tiny_tj(pair_merges)
     sel = select_ids(tj, [Counter({7: 3, 12: 1}), Counter({9: 1})], min_count=2)
     # corpus keeps abc (count 3); xy (1) and cd (1) fall below min_count; always: <unk>, <s>; closure: ab, a, b, c
-    expected = {"corpus": 1, "scripts": 0, "ranked": 0, "neutral": 0, "keep_tokens": 0, "chat_template": 0, "always": 2}
+    expected = {"corpus": 1, "scripts": 0, "script_probe": 0, "ranked": 0, "top_words": 0, "neutral": 0, "keep_tokens": 0,
+                "chat_template": 0, "always": 2}
     assert sel.policies == sel.only == expected
     assert sel.closure_added == 4
     assert sel.kept == [0, 1, 2, 3, 4, 6, 7]
@@ -144,6 +145,56 @@ def test_ranked_policy_on_gpt2_keeps_common_english_words():
 
     last = [r for _, _, r in parse_bpe(tj).merges[-200:]]
     assert not kept & set(last)
+
+
+def test_top_words_keeps_the_tokens_of_frequent_words_and_caps_rarest_first():
+    require_shared()
+    from converter.vocab.probe import tokenizers_encoder
+    from converter.vocab.words import spellings, word_ids
+
+    tok = Tokenizer.from_file(str(TOKENIZERS / "gpt2" / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    ids = word_ids(tokenizers_encoder(tok), "en", 5000)
+    pos = {i: k for k, i in enumerate(ids)}
+    for t in ("Ġthe", "The", "Ġgovernment", "ĠGovernment", "Ġpeople"):
+        assert t in {tok.id_to_token(i) for i in ids}, t
+    assert pos[vocab["Ġthe"]] < pos[vocab["Ġgovernment"]]  # ranked by word frequency
+    assert [t for t, _ in spellings("seoul")] == [" seoul", " Seoul", "Seoul"]
+    tj = json.loads(tok.to_str())
+    full = select_ids(tj, Counter(), words=ids)
+    assert full.policies["top_words"] == len(set(ids)) and set(ids) <= set(full.kept)
+    capped = select_ids(tj, Counter(), words=ids, max_size=3000)
+    kept = set(capped.kept)
+    assert len(kept) == 3000 and vocab["Ġthe"] in kept and capped.cap_dropped > 0
+    assert not {i for i in ids[-500:]} <= kept  # the rarest words' tokens went first
+
+
+def test_top_words_needs_a_word_list_for_the_language(tmp_path):
+    from pydantic import ValidationError
+
+    from converter.recipe import LanguageSpec
+
+    assert LanguageSpec(code="en", sources=["x"], top_words=10).top_words == 10
+    with pytest.raises(ValidationError, match="wordfreq package has no word list for language 'th'"):
+        LanguageSpec(code="th", sources=["x"], top_words=10)
+
+
+def test_drop_reserved_leaves_out_placeholders_only():
+    require_shared()
+    tj = json.loads((TOKENIZERS / "gemma3" / "tokenizer.json").read_text(encoding="utf-8"))
+    keep = select_ids(tj, Counter(), ["Hangul"])
+    drop = select_ids(tj, Counter(), ["Hangul"], drop_reserved=True, extra_ids=[7])
+    vocab = {a["content"]: a["id"] for a in tj["added_tokens"]}
+    assert len(keep.kept) - len(drop.kept) == 6242 - 1  # every <unusedN> but the one the config names
+    kept = set(drop.kept)
+    assert vocab["<unused0>"] not in kept and 7 in kept
+    for t in ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>", "<mask>"):
+        assert vocab[t] in kept, t
+    new, token_map = rebuild_tokenizer_json(tj, drop.kept)
+    trimmed = Tokenizer.from_str(json.dumps(new))
+    text = "<start_of_turn>\n안녕하세요, 반갑습니다!<end_of_turn>"
+    want = Tokenizer.from_str(json.dumps(tj)).encode(text).ids
+    assert [token_map[i] for i in trimmed.encode(text).ids] == want
 
 
 def test_coverage_keeps_the_most_frequent_corpus_tokens():
@@ -245,6 +296,10 @@ def test_classify_byte_level_fragments():
     assert classify_token(view, "ĠÐŀ", hangul) is None  # ' О' (Cyrillic)
     assert classify_token(view, "?!", hangul) == "neutral"
     assert classify_token(view, "«", hangul) is None
+    # Only continuation bytes: b'\x8c\x93' ends 쌓 (U+C313) after the lead-byte token b'\xec'.
+    tail = "".join(bytes_to_unicode()[b] for b in b"\x8c\x93")
+    assert classify_token(view, tail, hangul) == "script"
+    assert classify_token(view, tail, ScriptMatcher(["Cyrillic"])) is None  # no Cyrillic letter ends so
 
 
 def test_languages_and_scripts():
@@ -461,7 +516,7 @@ def test_result_summary_and_token_map_file(trimmed, tmp_path):
     assert (
         set(s["policies"])
         == set(s["only"])
-        == {"corpus", "scripts", "ranked", "neutral", "keep_tokens", "chat_template", "always"}
+        == {"corpus", "scripts", "script_probe", "ranked", "top_words", "neutral", "keep_tokens", "chat_template", "always"}
     )
     data = json.loads(r.write_token_map(tmp_path / "token_map.json").read_text())
     assert data["new_to_old"] == r.token_map and data["vocab_after"] == len(r.token_map)

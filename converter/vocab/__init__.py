@@ -25,10 +25,13 @@ import regex
 
 from converter.errors import DataError, ModelError
 from converter.languages import language_scripts, normalize_scripts
+from converter.load import load_tokenizer, portable_tokenizer_config
 from converter.recipe import VocabConfig
+from converter.vocab.probe import probe_encodings, probe_ids, script_check, tokenizers_encoder
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
 from converter.vocab.select import Selection, VocabView, parse_tokenizer, select_ids
 from converter.vocab.slice import SliceStats, config_token_ids, slice_model
+from converter.vocab.words import word_ids
 
 __all__ = ["VocabResult", "TrimmedTokenizer", "trim_vocab", "trim_tokenizer", "trim_tokenizer_json"]
 
@@ -65,6 +68,7 @@ class VocabResult:
     tied: bool = False
     embedding_params_before: int = 0  # embedding + untied lm_head
     embedding_params_after: int = 0
+    script_check: dict[str, Any] | None = None  # probe.script_check: every code point of the kept scripts
     seconds: float = 0.0
 
     @property
@@ -99,6 +103,7 @@ class VocabResult:
             "tied_embeddings": self.tied,
             "embedding_params_before": self.embedding_params_before,
             "embedding_params_after": self.embedding_params_after,
+            "script_check": self.script_check,
             "seconds": round(self.seconds, 3),
         }
 
@@ -226,12 +231,27 @@ def trim_tokenizer_json(
     extra_ids: Iterable[int] = (),
     template_ids: Iterable[int] = (),
     ranked: Iterable[tuple[Iterable[str], int]] = (),
+    words: Iterable[tuple[str, int]] = (),
+    original: Any = None,
 ) -> TrimmedTokenizer:
-    """The shared core: select ids on a tokenizer.json dict and rebuild it. ``scripts`` are used as given
-    (callers decide whether cfg.keep_scripts applies); cfg.extra_scripts are always added. ``ranked``: (scripts,
-    n) per language with top_tokens."""
+    """The shared core: select ids on a tokenizer.json dict, rebuild it, and run the exhaustive script check.
+
+    ``scripts`` are used as given (callers decide whether cfg.keep_scripts applies); cfg.extra_scripts are always
+    added. ``ranked``: (scripts, n) per language with top_tokens; ``words``: (language, n) per language with
+    top_words. ``original``: the ``tokenizers.Tokenizer`` of ``tj`` when the caller has it (else built from tj).
+    """
+    from tokenizers import Tokenizer
+
     view = parse_tokenizer(tj)
     all_scripts = normalize_scripts([*scripts, *cfg.extra_scripts])
+    words = list(words)
+    if original is None and (all_scripts or words):
+        original = Tokenizer.from_str(json.dumps(tj))
+    encode = tokenizers_encoder(original) if original is not None else None
+    probed = probe_encodings(encode, all_scripts) if all_scripts else None
+    word_list: list[int] = []
+    for lang, n in words:
+        word_list.extend(word_ids(encode, lang, n))
     sel = select_ids(
         tj,
         counts,
@@ -245,8 +265,22 @@ def trim_tokenizer_json(
         unreachable=Unreachable(tj, view),
         view=view,
         ranked=[(normalize_scripts(list(sc)), n) for sc, n in ranked],
+        probe=probe_ids(probed) if probed else (),
+        words=word_list,
+        drop_reserved=cfg.drop_reserved,
     )
     new_tj, token_map = rebuild_tokenizer_json(tj, sel.kept)
+    check = None
+    if all_scripts:
+        trimmed = tokenizers_encoder(Tokenizer.from_str(json.dumps(new_tj)))
+        check = script_check(probed, trimmed, token_map, all_scripts)
+        log.info(
+            "exhaustive script check: %d of %d strings (every code point of %s) tokenize differently",
+            check["differ"],
+            check["strings"],
+            ", ".join(all_scripts),
+        )
+    sel.script_check = check
     return TrimmedTokenizer(new_tj, token_map, sel)
 
 
@@ -279,9 +313,7 @@ def _directory_template_ids(src: Path) -> set[int]:
     )
     if not has_template:
         return set()
-    from transformers import AutoTokenizer
-
-    return chat_template_ids(AutoTokenizer.from_pretrained(src))
+    return chat_template_ids(load_tokenizer(src))
 
 
 def trim_tokenizer(
@@ -329,10 +361,12 @@ def trim_tokenizer(
             if f.is_file() and f.name not in _STALE_FILES:
                 shutil.copy2(f, out / f.name)
         atomic_write(out / "tokenizer.json", json.dumps(result.tokenizer_json, ensure_ascii=False))
+        # Always written, in a form transformers 4.57 and 5 both load (a tokenizer.json alone would leave the
+        # class to be guessed from the folder's name).
         cfg_path = src / "tokenizer_config.json"
-        if cfg_path.is_file():
-            tc = rebuild_tokenizer_config(json.loads(cfg_path.read_text(encoding="utf-8")), result.token_map)
-            atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
+        tc = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        tc = portable_tokenizer_config(rebuild_tokenizer_config(tc, result.token_map), (src / "config.json").is_file())
+        atomic_write(out / "tokenizer_config.json", json.dumps(tc, ensure_ascii=False, indent=2))
         if (src / "tokenizer.model").is_file():
             why = rewrite_sentencepiece(
                 src / "tokenizer.model", tj, result.token_map, out / "tokenizer.model"
@@ -408,8 +442,17 @@ def trim_vocab(
     log.info("trim_vocab: start (%d tokens, languages %s)", len(tok), ", ".join(d.code for d in kept_langs))
 
     ranked = [(d.scripts or language_scripts(d.code), d.top_tokens) for d in kept_langs if d.top_tokens]
+    words = [(d.code, d.top_words) for d in kept_langs if getattr(d, "top_words", None)]
     new_tj, token_map, sel = trim_tokenizer_json(
-        tj, counts, scripts, cfg, config_token_ids(loaded.model), chat_template_ids(tok), ranked
+        tj,
+        counts,
+        scripts,
+        cfg,
+        config_token_ids(loaded.model),
+        chat_template_ids(tok),
+        ranked,
+        words,
+        original=tok.backend_tokenizer,
     )
     new_tok = _load_trimmed_fast_tokenizer(tok, new_tj, token_map)
     stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map)
@@ -434,6 +477,7 @@ def trim_vocab(
         tied=stats.tied,
         embedding_params_before=stats.embedding_params_before,
         embedding_params_after=stats.embedding_params_after,
+        script_check=sel.script_check,
     )
     if out_dir is not None:
         out = Path(out_dir)

@@ -90,6 +90,8 @@ def rebuild_tokenizer_json(tj: Mapping[str, Any], kept: Sequence[int]) -> tuple[
 
     added = []
     for a in new.get("added_tokens") or []:
+        if a["id"] not in old_to_new and a.get("special"):
+            continue  # a special placeholder the selection dropped on purpose (vocab.drop_reserved)
         a = dict(a)
         a["id"] = _remap_id(old_to_new, a["id"], f"added token {a['content']!r}")
         added.append(a)
@@ -112,5 +114,6 @@ def rebuild_tokenizer_config(config: Mapping[str, Any], token_map: Sequence[int]
         out["added_tokens_decoder"] = {
             str(_remap_id(old_to_new, int(k), f"tokenizer_config added token {v.get('content')!r}")): v
             for k, v in sorted(dec.items(), key=lambda kv: int(kv[0]))
+            if int(k) in old_to_new or not v.get("special")  # special placeholders may be dropped
         }
     return out

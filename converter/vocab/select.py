@@ -1,6 +1,7 @@
 """Which token ids to keep: a pure function of a tokenizer model, token counts and target scripts.
 
-keep = corpus ∪ scripts ∪ neutral ∪ keep_tokens ∪ chat_template ∪ always, optionally capped at max_size, then
+keep = corpus ∪ scripts ∪ script_probe ∪ ranked ∪ top_words ∪ neutral ∪ keep_tokens ∪ chat_template ∪ always,
+optionally capped at max_size, then
 closed under BPE merges (see ``merge_closure``). Every policy reports how many ids it selected and how many
 only it selected; the closure reports how many it added on top. Families: BPE (byte-level and
 SentencePiece-style), Unigram and WordPiece; see ``VocabView``.
@@ -294,11 +295,29 @@ def _completions(tail: bytes) -> str | None:
     return "".join(chars) or None
 
 
+@functools.lru_cache(maxsize=8192)
+def _heads(tail: bytes) -> str:
+    """Every assigned character whose UTF-8 encoding ends with ``tail`` (1 to 3 continuation bytes)."""
+    chars = []
+    for length in range(len(tail) + 1, 5):
+        leads = range(0xC2, 0xE0) if length == 2 else range(0xE0, 0xF0) if length == 3 else range(0xF0, 0xF5)
+        for lead in leads:
+            for mid in itertools.product(range(0x80, 0xC0), repeat=length - len(tail) - 1):
+                try:
+                    ch = (bytes([lead, *mid]) + tail).decode("utf-8")
+                except UnicodeDecodeError:  # overlong forms, surrogates, past U+10FFFF
+                    continue
+                if not _UNASSIGNED.match(ch):
+                    chars.append(ch)
+    return "".join(chars)
+
+
 def classify_token(view: VocabView, token: str, matcher: ScriptMatcher) -> str | None:
     """'script' (written in the target scripts), 'neutral' (only digits/punctuation/spaces) or None.
 
     Byte-level tokens may hold pieces of characters. Leading continuation bytes (the end of a character that
-    began in an earlier token) are allowed but count as no letter; a truncated character at the end stands for
+    began in an earlier token) are allowed but count as no letter, and a token made only of them counts as a
+    target letter when it ends one (every character it can be the tail of is considered); a truncated character at the end stands for
     the set of characters it can complete to, and counts as a target letter only if all of those are allowed and
     one is a target letter (e.g. 'ĠìĪ' = ' ' + the first two bytes of U+C200..U+C23F, all Hangul).
     """
@@ -316,6 +335,13 @@ def classify_token(view: VocabView, token: str, matcher: ScriptMatcher) -> str |
     k = 0
     while k < len(raw) and 0x80 <= raw[k] < 0xC0:
         k += 1
+    if k == len(raw):
+        # Only continuation bytes: the end of a character whose lead byte is its own token (b'\x8c\x93' ends
+        # U+C313 쌓 after the token b'\xec'). Kept when it ends some letter of a target script.
+        if len(raw) == 1:  # a byte symbol: always kept with the byte alphabet
+            return None
+        heads = _heads(raw)
+        return "script" if heads and matcher.has_letter(heads) else None
     body = raw[k:]
     j = len(body) - 1
     while j >= 0 and 0x80 <= body[j] < 0xC0:
@@ -360,6 +386,7 @@ class Selection:
     cap_dropped: int = 0  # candidate ids left out to respect max_size
     unreachable_skipped: int = 0  # script/neutral candidates the tokenizer can never emit, not kept
     corpus_coverage: float | None = None  # share of corpus token occurrences the kept ids cover
+    script_check: dict[str, Any] | None = None  # probe.script_check on the rebuilt tokenizer, when scripts are kept
 
     @property
     def vocab_after(self) -> int:
@@ -378,7 +405,17 @@ class Selection:
             "scripts": list(self.scripts),
             "merges_before": self.merges_before,
             "merges_after": self.merges_after,
+            "script_check": self.script_check,
         }
+
+
+_RESERVED = regex.compile(r"<unused\d+>|\[unused\d+\]|<\|reserved_special_token_\d+\|>")
+
+
+def reserved_ids(view: VocabView) -> set[int]:
+    """Added tokens that are placeholders reserved for later use ('<unused17>', '[unused3]',
+    '<|reserved_special_token_5|>'): no text contains them and no template writes them."""
+    return {i for i in view.added_ids if _RESERVED.fullmatch(view.id_to_token.get(i, ""))}
 
 
 def token_ranks(view: VocabView) -> dict[int, float]:
@@ -460,13 +497,17 @@ def select_ids(
     unreachable: Container[int] = frozenset(),
     view: VocabView | None = None,
     ranked: Iterable[tuple[Iterable[str], int]] = (),
+    probe: Iterable[int] = (),
+    words: Iterable[int] = (),
+    drop_reserved: bool = False,
 ) -> Selection:
     """Choose the ids to keep.
 
     tj: the tokenizer.json dict (or None with ``view``). counts: original id -> count, or several such counters
     (summed). scripts: Unicode script names whose tokens are kept whole. coverage: keep only the most frequent
     corpus ids that cover this share of corpus token occurrences (with min_count also applied). max_size: cap
-    on the result; candidates are dropped in reverse priority (script tokens by id, then corpus tokens by count).
+    on the result; candidates fill it in priority order: corpus tokens by count, then the whole-script sets
+    (scripts, script_probe, neutral; by id), then top_words by estimated frequency, then ranked by rank.
     keep_tokens: token strings (vocab spelling, or plain text such as ' hello'). extra_ids: ids that must survive
     (the model config's bos/eos/pad ids). template_ids: ids the chat template's own text tokenizes to (kept
     so a rendered conversation tokenizes as before). unreachable: ids the tokenizer can never emit (found by the caller with
@@ -556,19 +597,24 @@ def select_ids(
     missing = sorted(i for i in extra if i not in known)
     if missing:
         raise ModelError(f"the model config names token ids {missing} that the tokenizer does not have")
+    template = {i for i in template_ids if i in known}
+    reserved = reserved_ids(view) - extra - keep_ids - template if drop_reserved else set()
     always = (
-        view.special_ids
-        | view.added_ids
+        (view.special_ids | view.added_ids) - reserved
         | view.byte_ids
         | {i for i in view.alphabet_ids if i not in skip}
         | extra
     )
-    template = {i for i in template_ids if i in known}
 
+    probe_ids = {i for i in probe if i in known}
+    words = [i for i in words if i in known]
+    word_ids = set(words)
     groups = {
         "corpus": corpus,
         "scripts": script_ids,
+        "script_probe": probe_ids,
         "ranked": ranked_ids,
+        "top_words": word_ids,
         "neutral": neutral_ids,
         "keep_tokens": keep_ids,
         "chat_template": template,
@@ -585,9 +631,11 @@ def select_ids(
             producers.setdefault(r, []).append((a, b))
         by_count = sorted(corpus, key=lambda i: (-total[i], i))
         by_rank = sorted(ranked_ids - corpus, key=lambda i: (rank_of[i], i))
-        rest = sorted((script_ids | neutral_ids) - corpus - ranked_ids)
+        # Whole scripts are a guarantee, the word list and the ranks are budgets: they fill what remains.
+        script_set = sorted((script_ids | neutral_ids | probe_ids) - corpus)
+        by_words = [i for i in dict.fromkeys(words) if i not in corpus]  # the most frequent first
         kept, cap_dropped = _capped(
-            [*by_count, *by_rank, *rest], always | keep_ids | template, producers, max_size
+            [*by_count, *script_set, *by_words, *by_rank], always | keep_ids | template, producers, max_size
         )
         for g in groups.values():  # report what each policy contributed after the cap
             g &= kept

@@ -32,6 +32,7 @@ from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 from converter.errors import ModelError
 from converter.languages import normalize_scripts
 from converter.recipe import VocabConfig
+from converter.vocab.probe import probe_encodings, probe_ids, script_check
 from converter.vocab.select import Selection, VocabView, select_ids
 
 __all__ = [
@@ -413,6 +414,11 @@ def check_consistent(proto: ModelProto, tokenizer_json: Mapping[str, Any]) -> st
     return None
 
 
+def _encoder(sp: SentencePieceProcessor):
+    """``probe``'s encode callable for a SentencePiece processor (no bos/eos)."""
+    return lambda texts: sp.encode(texts)
+
+
 def trim_model_file(
     src_path: str | os.PathLike,
     counts: Mapping[int, int] | Iterable[Mapping[int, int]],
@@ -435,10 +441,13 @@ def trim_model_file(
     # Unreachable pieces never occur in an encoding; dropping them from the counts and naming them to the script
     # policy means no policy selects them. (An explicit keep_tokens / extra_ids entry is still honoured.)
     counts = [Counter({i: c for i, c in cnt.items() if i not in view.unreachable_ids}) for cnt in counts]
+    all_scripts = normalize_scripts([*scripts, *cfg.extra_scripts])
+    encode = _encoder(_processor(proto))
+    probed = probe_encodings(encode, all_scripts) if all_scripts else None
     sel = select_ids(
         None,
         counts,
-        normalize_scripts([*scripts, *cfg.extra_scripts]),
+        all_scripts,
         min_count=cfg.min_count,
         coverage=cfg.coverage,
         max_size=cfg.max_size,
@@ -446,11 +455,14 @@ def trim_model_file(
         extra_ids=extra_ids,
         unreachable=view.unreachable_ids,
         view=view,
+        probe=probe_ids(probed) if probed else (),
     )
     token_map = list(sel.kept)
     new = rewrite_model_proto(proto, token_map)
     data = new.SerializeToString()
-    _processor(new)  # refuse to write a file the library cannot load
+    trimmed = _processor(new)  # refuse to write a file the library cannot load
+    if all_scripts:
+        sel.script_check = script_check(probed, _encoder(trimmed), token_map, all_scripts)
     from converter.vocab import atomic_write  # the package imports this module lazily: no cycle
 
     out = Path(out_path)
