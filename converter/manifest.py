@@ -94,11 +94,83 @@ def prepare_output(recipe: Recipe) -> Path:
     return final
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_work_dirs(final_dir: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` siblings left by runs that were killed (their process is gone), one log line
+    each; a directory whose process still runs is another live run and is left alone."""
+    removed = []
+    for p in sorted(final_dir.parent.glob(f".{final_dir.name}.tmp-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log.info("removed %s, left by a run (pid %s) that no longer exists", p, pid)
+        removed.append(p)
+    return removed
+
+
+def _apply_umask_modes(root: Path) -> None:
+    """Files 0666 and directories 0777 minus the umask (0644 / 0755 under the usual 022), whatever temporary-file
+    helpers of the libraries used: a deployment image that runs as another user can read the release."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading is this stage's own peak (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cuda_reset() -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.reset_peak_memory_stats()
+    return True
+
+
+def _cuda_peak_mb() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # the run's peak so far
+
+
 class Manifest:
     def __init__(self, recipe: Recipe, final_dir: Path, device: str):
         self.recipe = recipe
         self.final_dir = final_dir
         self.work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+        remove_stale_work_dirs(final_dir)
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         self.scratch = self.work / ".scratch"  # intermediate files that never ship (removed by finish)
@@ -149,6 +221,8 @@ class Manifest:
         self.stages[stage] = entry
         self._write()
         log.info("%s: started", stage)
+        per_stage = _reset_peak_rss()
+        cuda = _cuda_reset()
         t0 = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
@@ -161,6 +235,10 @@ class Manifest:
         seconds = time.perf_counter() - t0
         summary = result.summary() if hasattr(result, "summary") else {}
         entry.update(status="ok", seconds=round(seconds, 3), metrics=summary)
+        entry["peak_rss_mb"] = _peak_rss_mb()
+        entry["peak_rss_scope"] = "stage" if per_stage else "run so far"
+        if cuda:
+            entry["peak_cuda_mb"] = _cuda_peak_mb()
         self.results[stage] = result
         self._write()
         headline = summary.get("headline", "") if isinstance(summary, dict) else ""
@@ -187,6 +265,7 @@ class Manifest:
                 log.exception("writing the report failed")
         self.data["files"] = self._checksums()
         self._write()
+        _apply_umask_modes(self.work)
         target = self.final_dir if status == "ok" else self.final_dir.with_name(self.final_dir.name + ".failed")
         if target.exists():
             shutil.rmtree(target)

@@ -502,6 +502,32 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"key '{key}' appears twice with different values (line {line})")
+        self.key, self.line = key, line
+
+
+def _no_conflicting_duplicates(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping in which a key repeated with a different value is an error (YAML keeps the last silently)."""
+    seen: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        value = loader.construct_object(value_node, deep=True)
+        try:
+            if key in seen and seen[key] != value:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: validation reports it
+            continue
+        seen[key] = value
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_conflicting_duplicates)
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; anything near this is not one
+
+
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
 
@@ -569,6 +595,8 @@ def recipe_from_dict(data: Any, base_dir: Path, origin: str = "recipe") -> Recip
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{origin}: {format_validation_error(exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{origin} nests too deeply to be a recipe; see recipes/korean.yaml.") from None
     recipe._base_dir = base_dir.resolve()
     return recipe
 
@@ -578,8 +606,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe.")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe '{p}' is {size:,} bytes, not a recipe (they are a few KB of YAML); check the path.")
     try:
         data = parse_yaml(p.read_text(encoding="utf-8"))
+    except DuplicateKey as exc:
+        raise RecipeError(f"recipe '{p}': {exc}; keep one of them.") from None
+    except RecursionError:
+        raise RecipeError(f"recipe '{p}' nests too deeply to be a recipe; see recipes/korean.yaml.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -40,7 +40,13 @@ def build_report(data: dict[str, Any]) -> dict[str, Any]:
         "error": data.get("error"),
         "recipe_sha256": data.get("recipe_sha256"),
         "stages": {
-            k: {"status": v.get("status"), "seconds": v.get("seconds"), "headline": v.get("metrics", {}).get("headline")}
+            k: {
+                "status": v.get("status"),
+                "seconds": v.get("seconds"),
+                "peak_rss_mb": v.get("peak_rss_mb"),
+                "peak_cuda_mb": v.get("peak_cuda_mb"),
+                "headline": v.get("metrics", {}).get("headline"),
+            }
             for k, v in stages.items()
         },
         "checks": val.get("checks", []),
@@ -70,9 +76,10 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
     if rep.get("error"):
         out.append(f"\n**Error:** {rep['error']}\n")
 
-    out.append("\n## Stages\n\n| stage | status | seconds | result |\n|---|---|---:|---|\n")
+    out.append("\n## Stages\n\n| stage | status | seconds | peak RSS MB | result |\n|---|---|---:|---:|---|\n")
     for name, st in rep["stages"].items():
-        out.append(f"| {name} | {st['status']} | {_num(st['seconds'], '{:.1f}')} | {st['headline'] or ''} |\n")
+        rss = _num(st.get("peak_rss_mb"), "{:,.0f}")
+        out.append(f"| {name} | {st['status']} | {_num(st['seconds'], '{:.1f}')} | {rss} | {st['headline'] or ''} |\n")
 
     if rep["checks"]:
         out.append("\n## Checks\n\n| | check | value | gate | detail |\n|---|---|---:|---|---|\n")

@@ -322,3 +322,32 @@ def test_vocab_command_on_a_corrupt_sentencepiece_model(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "tokenizer.model" in one_error_line(result)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
+
+
+BAD_FILES = {
+    "deep-list": ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nests too deeply"),
+    "deep-map": ("name: x\nmodel: " + "{b: " * 3000 + "1" + "}" * 3000 + "\n", "nests too deeply"),
+    "duplicate-key": ("name: a\nseed: 1\nname: b\n", "key 'name' appears twice with different values (line 3)"),
+    "huge": ("# " + "x" * (2 << 20) + "\n", "not a recipe (they are a few KB of YAML)"),
+    "utf16": ("name: 한국어\n".encode("utf-16"), "is not UTF-8 text"),
+    "python-tag": ("name: !!python/object/apply:os.system ['touch PWNED']\n", "is not valid YAML at line 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_malformed_recipe_files_exit_2_with_one_sentence(case, tmp_path, monkeypatch):
+    content, needle = BAD_FILES[case]
+    p = tmp_path / f"{case}.yaml"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["check", str(p)])
+    assert result.exit_code == 2 and needle in one_error_line(result)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_key_repeated_with_the_same_value_is_accepted(tmp_path):
+    r = base_recipe(tmp_path)
+    text = yaml.safe_dump(r, allow_unicode=True) + f"name: {r['name']}\n"
+    p = tmp_path / "same.yaml"
+    p.write_text(text)
+    assert load_recipe(p).name == r["name"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,12 +69,21 @@ def tiny_recipe(tmp: Path, ckpt: Path, **over) -> Path:
 def release(tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     recipe = tiny_recipe(tmp, tiny_ckpt)
-    result = CliRunner().invoke(main, [str(recipe)], catch_exceptions=False)
-    return tmp, recipe, result
+    # What a killed run leaves (its process is gone) and what a live concurrent run holds.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp / "dist" / f".tiny-ko.tmp-{gone.pid}" / "model").mkdir(parents=True)
+    (tmp / "dist" / f".tiny-ko.tmp-{os.getppid()}").mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, [str(recipe)], catch_exceptions=False)
+    finally:
+        os.umask(old_umask)
+    return tmp, recipe, result, gone.pid
 
 
 def test_run_writes_complete_release(release):
-    tmp, _, result = release
+    tmp, _, result, _ = release
     assert result.exit_code == 0, result.output
     out = tmp / "dist" / "tiny-ko"
     for rel in (
@@ -87,12 +99,29 @@ def test_run_writes_complete_release(release):
         "manifest.json",
     ):
         assert (out / rel).is_file(), rel
-    assert not any(p.name.startswith(".tiny-ko") for p in (tmp / "dist").iterdir())  # no temp dir left
     assert not (tmp / "dist" / "tiny-ko.failed").exists()
 
 
+def test_stale_work_dirs_go_live_ones_stay_and_modes_follow_the_umask(release):
+    tmp, _, _, _ = release
+    left = sorted(p.name for p in (tmp / "dist").iterdir() if p.name.startswith(".tiny-ko"))
+    assert left == [f".tiny-ko.tmp-{os.getppid()}"]  # the killed run's directory was removed, the live one kept
+    out = tmp / "dist" / "tiny-ko"
+    for p in [out, *out.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+def test_every_stage_records_its_peak_memory(release):
+    tmp, _, _, _ = release
+    out = tmp / "dist" / "tiny-ko"
+    man = json.loads((out / "manifest.json").read_text())
+    for name, st in man["stages"].items():
+        assert st["peak_rss_mb"] > 50 and st["peak_rss_scope"] == "stage", name
+    assert "| peak RSS MB |" in (out / "report.md").read_text()
+
+
 def test_manifest_records_stages_versions_and_checksums(release):
-    tmp, _, _ = release
+    tmp, _, _, _ = release
     out = tmp / "dist" / "tiny-ko"
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "ok"
@@ -107,7 +136,7 @@ def test_manifest_records_stages_versions_and_checksums(release):
 
 
 def test_vocab_trimmed_and_token_map_consistent(release):
-    tmp, _, _ = release
+    tmp, _, _, _ = release
     out = tmp / "dist" / "tiny-ko"
     tm = json.loads((out / "model" / "token_map.json").read_text())["new_to_old"]
     cfg = json.loads((out / "model" / "config.json").read_text())
@@ -117,7 +146,7 @@ def test_vocab_trimmed_and_token_map_consistent(release):
 
 
 def test_gates_and_report(release):
-    tmp, _, result = release
+    tmp, _, result, _ = release
     out = tmp / "dist" / "tiny-ko"
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "ok" and rep["failed_gates"] == []
@@ -146,7 +175,7 @@ def test_release_generates_with_onnxruntime_genai(release):
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    tmp, _, _ = release
+    tmp, _, _, _ = release
     onnx_dir = tmp / "dist" / "tiny-ko" / "onnx"
     rep = json.loads((tmp / "dist" / "tiny-ko" / "report.json").read_text())
     assert rep["onnx"]["runtime"] == "onnxruntime-genai"
@@ -184,7 +213,7 @@ def test_optimum_format_release_loads_in_ortmodel(tiny_ckpt, tmp_path):
 
 
 def test_same_recipe_gives_identical_safetensors(release, tiny_ckpt, tmp_path):
-    tmp, _, _ = release
+    tmp, _, _, _ = release
     recipe = tiny_recipe(tmp_path, tiny_ckpt, export={"enabled": False})
     result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
     assert result.exit_code == 0, result.output
