@@ -133,7 +133,7 @@ def export_onnx(model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Pa
         quantization=quant_info,
         build=build,
     )
-    log.info("export: done in %.1fs: %s", result.seconds, result.summary()["headline"])
+    log.debug("export: done in %.1fs: %s", result.seconds, result.summary()["headline"])  # the manifest logs it
     return result
 
 

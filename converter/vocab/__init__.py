@@ -490,5 +490,5 @@ def trim_vocab(
                 log.warning("tokenizer.model left out of the trimmed tokenizer: %s", why)
         result.write_token_map(out / "token_map.json")
     result.seconds = time.perf_counter() - t0
-    log.info("trim_vocab: done in %.1fs, %s", result.seconds, result.headline)
+    log.debug("trim_vocab: done in %.1fs, %s", result.seconds, result.headline)  # the manifest logs the stage
     return result
