@@ -212,14 +212,19 @@ def test_optimum_format_release_loads_in_ortmodel(tiny_ckpt, tmp_path):
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
 
 
-def test_same_recipe_gives_identical_safetensors(release, tiny_ckpt, tmp_path):
+def test_same_recipe_gives_identical_files(release, tiny_ckpt, tmp_path):
+    """A second run of the same recipe: every shipped model and ONNX file has the same sha256 in both manifests."""
     tmp, _, _, _ = release
-    recipe = tiny_recipe(tmp_path, tiny_ckpt, export={"enabled": False})
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
     result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
     assert result.exit_code == 0, result.output
-    a = sha256_file(tmp / "dist" / "tiny-ko" / "model" / "model.safetensors")
-    b = sha256_file(tmp_path / "dist" / "tiny-ko" / "model" / "model.safetensors")
-    assert a == b
+    first = json.loads((tmp / "dist" / "tiny-ko" / "manifest.json").read_text())["files"]
+    second = json.loads((tmp_path / "dist" / "tiny-ko" / "manifest.json").read_text())["files"]
+    shipped = sorted(k for k in first if k.startswith(("model/", "onnx/")))
+    assert "model/model.safetensors" in shipped and "onnx/model.onnx" in shipped
+    assert shipped == sorted(k for k in second if k.startswith(("model/", "onnx/")))
+    differ = [k for k in shipped if first[k]["sha256"] != second[k]["sha256"]]
+    assert not differ, differ
 
 
 def test_failed_gate_exits_1_and_keeps_run_as_failed(tiny_ckpt, tmp_path):
