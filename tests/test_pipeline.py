@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +279,32 @@ def test_genai_refusal_is_found_before_any_weight_is_loaded(tmp_path):
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
     result = CliRunner().invoke(main, ["check", str(recipe), "--set", "export.format=optimum"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("stages", [("prune", "export", "validate")])
+def test_a_run_killed_in_a_stage_leaves_no_release_and_the_next_run_cleans_up(tiny_ckpt, tmp_path, stages):
+    """SIGKILL a real `langconvert` process while each stage runs: no `<name>/` appears, its work directory
+    stays behind, and the next run removes those directories and succeeds."""
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
+    dist = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "converter.cli", str(recipe), "--set", "validate.speed_prompts=0"]
+    for stage in stages:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        work = dist / f".tiny-ko.tmp-{proc.pid}"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                started = stage in json.loads((work / "manifest.json").read_text())["stages"]
+            except (OSError, ValueError):  # not written yet, or caught mid-write
+                started = False
+            if started:  # running (or, for a stage shorter than one poll, just finished: the next one runs)
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before stage {stage} started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert work.is_dir() and not (dist / "tiny-ko").exists(), stage
+    result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
+    assert result.exit_code == 0, result.output
+    assert (dist / "tiny-ko" / "manifest.json").is_file()
+    assert not [p for p in dist.iterdir() if p.name.startswith(".tiny-ko.tmp-")]
