@@ -240,7 +240,12 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
             if f.is_file() and f.name not in ("tokenizer_config.json", "config.json"):
                 (stage / f.name).symlink_to(f.resolve())
         (stage / "tokenizer_config.json").write_text(json.dumps(portable, ensure_ascii=False), encoding="utf-8")
-        return AutoTokenizer.from_pretrained(stage, use_fast=True, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(stage, use_fast=True, trust_remote_code=trust_remote_code)
+    # Files the tokenizer names (a SentencePiece tokenizer.model) must outlive the staging directory.
+    vocab_file = getattr(tok, "vocab_file", None)
+    if vocab_file and (directory / Path(vocab_file).name).is_file():
+        tok.vocab_file = str(directory / Path(vocab_file).name)
+    return tok
 
 
 def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:

@@ -145,3 +145,17 @@ def test_a_directory_without_a_tokenizer_exits_2(tmp_path):
     (tmp_path / "empty").mkdir()
     result = _vocab(tmp_path / "empty", tmp_path / "out")
     assert result.exit_code == 2 and "no tokenizer.json or SentencePiece .model" in result.output
+
+
+def test_a_staged_load_keeps_pointing_at_the_directorys_sentencepiece_file(tmp_path):
+    """A transformers-5 config beside tokenizer.model: loading goes through a staging copy, and the tokenizer
+    still names the directory's own tokenizer.model (which trimming rewrites), not the vanished copy."""
+    require_shared()
+    src = tmp_path / "tok"
+    src.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / "llama2" / f, src / f)
+    assert json.loads((src / "tokenizer_config.json").read_text())["backend"] == "tokenizers"  # staged
+    shutil.copy(TOKENIZERS / "mistral-sentencepiece" / "tokenizer.model", src / "tokenizer.model")
+    tok = load_tokenizer(src)
+    assert tok.vocab_file == str(src / "tokenizer.model") and len(tok) == 32_000
