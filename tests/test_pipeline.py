@@ -281,14 +281,13 @@ def test_genai_refusal_is_found_before_any_weight_is_loaded(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("stages", [("prune", "export", "validate")])
-def test_a_run_killed_in_a_stage_leaves_no_release_and_the_next_run_cleans_up(tiny_ckpt, tmp_path, stages):
+def test_a_run_killed_in_a_stage_leaves_no_release_and_the_next_run_cleans_up(tiny_ckpt, tmp_path):
     """SIGKILL a real `langconvert` process while each stage runs: no `<name>/` appears, its work directory
     stays behind, and the next run removes those directories and succeeds."""
     recipe = tiny_recipe(tmp_path, tiny_ckpt)
     dist = tmp_path / "dist"
     cmd = [sys.executable, "-m", "converter.cli", str(recipe), "--set", "validate.speed_prompts=0"]
-    for stage in stages:
+    for stage in ("prune", "export", "validate"):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         work = dist / f".tiny-ko.tmp-{proc.pid}"
         deadline = time.time() + 300

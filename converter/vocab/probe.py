@@ -51,7 +51,8 @@ def probe_strings(script: str) -> list[str]:
     return alone + spaced + between
 
 
-def _encode_all(encode: Encode, texts: list[str], batch: int = 20000) -> list[list[int]]:
+def encode_all(encode: Encode, texts: list[str], batch: int = 20000) -> list[list[int]]:
+    """``encode`` over ``texts`` in batches (bounded memory for the 300k strings of Han)."""
     out: list[list[int]] = []
     for k in range(0, len(texts), batch):
         out.extend(encode(texts[k : k + batch]))
@@ -60,7 +61,7 @@ def _encode_all(encode: Encode, texts: list[str], batch: int = 20000) -> list[li
 
 def probe_encodings(encode: Encode, scripts: Iterable[str]) -> dict[str, list[list[int]]]:
     """The tokenizer's ids for every probe string, per script (in ``probe_strings`` order)."""
-    return {s: _encode_all(encode, probe_strings(s)) for s in normalize_scripts(scripts)}
+    return {s: encode_all(encode, probe_strings(s)) for s in normalize_scripts(scripts)}
 
 
 def probe_ids(encodings: dict[str, list[list[int]]]) -> set[int]:
@@ -88,7 +89,7 @@ def script_check(
         texts = probe_strings(s)
         n = len(texts) // len(CONTEXTS)
         want = wanted[s]
-        got = _encode_all(trimmed, texts)
+        got = encode_all(trimmed, texts)
         by_context = dict.fromkeys(CONTEXTS, 0)
         examples: list[str] = []
         for k, (t, w, g) in enumerate(zip(texts, want, got, strict=True)):

@@ -414,11 +414,6 @@ def check_consistent(proto: ModelProto, tokenizer_json: Mapping[str, Any]) -> st
     return None
 
 
-def _encoder(sp: SentencePieceProcessor):
-    """``probe``'s encode callable for a SentencePiece processor (no bos/eos)."""
-    return lambda texts: sp.encode(texts)
-
-
 def trim_model_file(
     src_path: str | os.PathLike,
     counts: Mapping[int, int] | Iterable[Mapping[int, int]],
@@ -442,7 +437,7 @@ def trim_model_file(
     # policy means no policy selects them. (An explicit keep_tokens / extra_ids entry is still honoured.)
     counts = [Counter({i: c for i, c in cnt.items() if i not in view.unreachable_ids}) for cnt in counts]
     all_scripts = normalize_scripts([*scripts, *cfg.extra_scripts])
-    encode = _encoder(_processor(proto))
+    encode = _processor(proto).encode  # probe's encode callable: lists of ids, no bos/eos
     probed = probe_encodings(encode, all_scripts) if all_scripts else None
     sel = select_ids(
         None,
@@ -462,7 +457,7 @@ def trim_model_file(
     data = new.SerializeToString()
     trimmed = _processor(new)  # refuse to write a file the library cannot load
     if all_scripts:
-        sel.script_check = script_check(probed, _encoder(trimmed), token_map, all_scripts)
+        sel.script_check = script_check(probed, trimmed.encode, token_map, all_scripts)
     from converter.vocab import atomic_write  # the package imports this module lazily: no cycle
 
     out = Path(out_path)

@@ -11,11 +11,9 @@ so a ``vocab.max_size`` cap drops the tokens of the rarest words first.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 from converter.errors import RecipeError
-
-Encode = Callable[[list[str]], list[list[int]]]
+from converter.vocab.probe import Encode, encode_all
 
 
 def _base(tag: str) -> str:
@@ -51,7 +49,7 @@ def spellings(word: str) -> list[tuple[str, float]]:
     """How a word appears in running text, each with a weight: after a space as listed (1), Capitalized after a
     space (0.4: names and titles) and at a line start (0.15). The list is case-folded, so these weights stand in
     for how often a word is capitalized; they were chosen by measuring held-out English news and Tatoeba
-    sentences tokenized as before under a fixed vocabulary size (benchmarks/RESULTS.md)."""
+    sentences tokenized as before under a fixed vocabulary size (benchmarks/RESULTS.md, "Spelling weights")."""
     cap = word[:1].upper() + word[1:]
     out = {" " + word: 1.0}
     out.setdefault(" " + cap, 0.4)
@@ -69,8 +67,7 @@ def word_ids(encode: Encode, tag: str, n: int) -> list[int]:
             texts.append(text)
             weights.append(f * share)
     score: dict[int, float] = {}
-    for k in range(0, len(texts), 20000):
-        for ids, wt in zip(encode(texts[k : k + 20000]), weights[k : k + 20000]):
-            for i in ids:
-                score[i] = score.get(i, 0.0) + wt
+    for ids, wt in zip(encode_all(encode, texts), weights, strict=True):
+        for i in ids:
+            score[i] = score.get(i, 0.0) + wt
     return sorted(score, key=lambda i: (-score[i], i))
