@@ -37,6 +37,21 @@ class LoadedModel:
     original_num_parameters: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def release_weights(self) -> None:
+        """Drop the in-memory model (once it is saved), so later stages do not hold it beside their own copies."""
+        import gc
+        import weakref
+
+        ref = weakref.ref(self.model) if self.model is not None else None
+        self.model = None
+        self.arch = None  # its accessors are bound to the model
+        gc.collect()
+        if ref is not None and ref() is not None:
+            log.debug(
+                "the released model is still referenced: %s",
+                [type(r).__name__ for r in gc.get_referrers(ref())],
+            )
+
     def summary(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -116,7 +131,9 @@ def _convert_gguf(path: Path, spec: ModelSpec, base_dir: Path | None) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ModelError("loading a .gguf model needs the 'gguf' package; install it with `pip install gguf`.") from None
+        raise ModelError(
+            "loading a .gguf model needs the 'gguf' package; install it with `pip install gguf`."
+        ) from None
     log.info("converting %s to a float checkpoint (first run only; cached at %s)", path.name, target)
     t0 = time.perf_counter()
     try:
@@ -147,7 +164,9 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
             "model.allow_pickle: true if you trust the file."
         )
     if not has_st and not has_pickle:
-        raise ModelError(f"'{directory}' holds no model weights (*.safetensors); point model.source at a checkpoint.")
+        raise ModelError(
+            f"'{directory}' holds no model weights (*.safetensors); point model.source at a checkpoint."
+        )
 
 
 def read_model_type(spec: ModelSpec, base_dir: Path | None = None) -> str | None:
@@ -156,7 +175,9 @@ def read_model_type(spec: ModelSpec, base_dir: Path | None = None) -> str | None
     if isinstance(src, Path) and src.is_dir():
         cfg = src / "config.json"
         if not cfg.is_file():
-            raise ModelError(f"'{src}' has no config.json; point model.source at a Hugging Face checkpoint directory.")
+            raise ModelError(
+                f"'{src}' has no config.json; point model.source at a Hugging Face checkpoint directory."
+            )
         try:
             return json.loads(cfg.read_text()).get("model_type")
         except json.JSONDecodeError:
@@ -178,7 +199,9 @@ def read_model_config(spec: ModelSpec, base_dir: Path | None = None) -> dict[str
             src, local_files_only=True, trust_remote_code=spec.trust_remote_code
         ).to_dict()
     except (ValueError, OSError) as exc:
-        raise ModelError(f"'{src / 'config.json'}' cannot be read by transformers ({exc}); re-save the checkpoint.") from None
+        raise ModelError(
+            f"'{src / 'config.json'}' cannot be read by transformers ({exc}); re-save the checkpoint."
+        ) from None
 
 
 # Keys transformers 5 writes into tokenizer_config.json that describe how it was loaded, not the tokenizer.
@@ -227,7 +250,9 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"'{cfg_path}' is not valid JSON; re-save the tokenizer or delete that file.") from None
+        raise ModelError(
+            f"'{cfg_path}' is not valid JSON; re-save the tokenizer or delete that file."
+        ) from None
     has_model_config = (directory / "config.json").is_file()
     portable = portable_tokenizer_config(cfg, has_model_config)
     if portable == cfg and cfg_path.is_file():
@@ -239,7 +264,9 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
         for f in directory.iterdir():
             if f.is_file() and f.name not in ("tokenizer_config.json", "config.json"):
                 (stage / f.name).symlink_to(f.resolve())
-        (stage / "tokenizer_config.json").write_text(json.dumps(portable, ensure_ascii=False), encoding="utf-8")
+        (stage / "tokenizer_config.json").write_text(
+            json.dumps(portable, ensure_ascii=False), encoding="utf-8"
+        )
         tok = AutoTokenizer.from_pretrained(stage, use_fast=True, trust_remote_code=trust_remote_code)
     # Files the tokenizer names (a SentencePiece tokenizer.model) must outlive the staging directory.
     vocab_file = getattr(tok, "vocab_file", None)
@@ -252,7 +279,6 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     """Load the model and tokenizer the recipe names, on CPU, in eval mode."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
 
     src = resolve_source(spec.source, base_dir)
     notes: list[str] = []
@@ -303,7 +329,9 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
         if not tok_dir.is_absolute() and base_dir is not None:
             tok_dir = base_dir / tok_dir
         if not (tok_dir / "tokenizer.json").is_file():
-            raise ModelError(f"model.tokenizer '{tok_dir}' has no tokenizer.json; point it at a tokenizer directory.")
+            raise ModelError(
+                f"model.tokenizer '{tok_dir}' has no tokenizer.json; point it at a tokenizer directory."
+            )
         tok_src: str = str(tok_dir)
     else:
         tok_dir = ckpt
@@ -343,6 +371,13 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
         original_num_parameters=sum(p.numel() for p in model.parameters()),
         notes=notes,
     )
+
+
+def load_saved(model_dir: Path, spec: ModelSpec) -> LoadedModel:
+    """A checkpoint this run saved (``model/``), loaded back the way a user loads it, so that validation checks
+    the files that ship, not the objects that wrote them."""
+    saved = spec.model_copy(update={"source": str(model_dir), "tokenizer": None, "allow_pickle": False})
+    return load_model(saved, None)
 
 
 def tokenizer_files(directory: Path) -> list[Path]:

@@ -90,7 +90,9 @@ def prepare_output(recipe: Recipe) -> Path:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RecipeError(f"output.dir '{final.parent}' cannot be created ({exc.strerror}); choose another.") from None
+        raise RecipeError(
+            f"output.dir '{final.parent}' cannot be created ({exc.strerror}); choose another."
+        ) from None
     return final
 
 
@@ -129,6 +131,19 @@ def _apply_umask_modes(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def _return_memory() -> None:
+    """Collect garbage (the model builders leave reference cycles holding whole graphs) and hand freed heap pages
+    back to the OS (glibc's malloc_trim), so a stage starts from what the run really holds."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps its own pages
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) so the next reading is this stage's own peak (Linux)."""
     try:
@@ -151,6 +166,17 @@ def _cuda_peak_mb() -> float:
     import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _rss_mb() -> float | None:
+    """Resident memory now (what a stage inherits from the ones before it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _peak_rss_mb() -> float | None:
@@ -221,6 +247,8 @@ class Manifest:
         self.stages[stage] = entry
         self._write()
         log.info("%s: started", stage)
+        _return_memory()
+        entry["rss_start_mb"] = _rss_mb()
         per_stage = _reset_peak_rss()
         cuda = _cuda_reset()
         t0 = time.perf_counter()
@@ -266,7 +294,9 @@ class Manifest:
         self.data["files"] = self._checksums()
         self._write()
         _apply_umask_modes(self.work)
-        target = self.final_dir if status == "ok" else self.final_dir.with_name(self.final_dir.name + ".failed")
+        target = (
+            self.final_dir if status == "ok" else self.final_dir.with_name(self.final_dir.name + ".failed")
+        )
         if target.exists():
             shutil.rmtree(target)
         self.work.rename(target)

@@ -163,7 +163,13 @@ def _onnx_stepper(dec: OnnxDecoder) -> Callable[[torch.Tensor], Callable[[], int
 
 
 def _torch_stepper(model: Any) -> Callable[[torch.Tensor], Callable[[], int]]:
+    import inspect
+
     device = next(model.parameters()).device
+    # only the last position's logits are read: a 640-token prefill then costs one vocabulary row, not 640
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
 
     def start(prompt: torch.Tensor) -> Callable[[], int]:
         ids = prompt.reshape(1, -1).to(device=device, dtype=torch.long)
@@ -176,6 +182,7 @@ def _torch_stepper(model: Any) -> Callable[[torch.Tensor], Callable[[], int]]:
                 attention_mask=state["mask"],
                 past_key_values=state["past"],
                 use_cache=True,
+                **last_only,
             )
             state["past"] = out.past_key_values
             tok = int(out.logits[0, -1].argmax())

@@ -10,10 +10,11 @@ from typing import Any
 from converter.calibrate import calibrate
 from converter.errors import GateFailed
 from converter.export import export_onnx
-from converter.load import LoadedModel, load_model
+from converter.load import LoadedModel, load_model, load_saved
 from converter.manifest import Manifest
 from converter.prune import prune
 from converter.recipe import Recipe
+from converter.reference import ReferenceResult, reference
 from converter.report import write_report
 from converter.validate import validate
 from converter.vocab import VocabResult, trim_vocab
@@ -50,10 +51,19 @@ def save_checkpoint(loaded: LoadedModel, vocab: VocabResult, model_dir: Path) ->
     return SaveResult(model_dir, sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()))
 
 
-def run_validation(recipe: Recipe, converted: LoadedModel, vocab: VocabResult, calib, model_dir: Path, export):
-    original = load_model(recipe.model, recipe.base_dir)  # a fresh, untouched copy (cached for GGUF)
+def run_validation(
+    recipe: Recipe,
+    ref: ReferenceResult,
+    original_tokenizer,
+    vocab: VocabResult,
+    calib,
+    model_dir: Path,
+    export,
+):
+    converted = load_saved(model_dir, recipe.model)  # what ships, read back from model/
     return validate(
-        original,
+        ref,
+        original_tokenizer,
         converted,
         vocab.token_map if vocab.trimmed else None,
         calib,
@@ -87,13 +97,25 @@ def run_recipe(recipe: Recipe) -> Path:
             recipe.seed,
             recipe.resolve_sources,
         )
+        ref = m.record("reference", reference, loaded, calib, recipe.validate_cfg)
         m.record("prune", prune, loaded, calib, recipe.prune, device)
         vocab = m.record("trim_vocab", trim_vocab, loaded, calib, recipe.vocab)
         m.record("save", save_checkpoint, loaded, vocab, m.dir("model"))
+        loaded.release_weights()  # export and validate read model/ from disk
         export = None
         if recipe.export.enabled:
             export = m.record("export", export_onnx, m.dir("model"), m.dir("onnx"), recipe.export, m.scratch)
-        result = m.record("validate", run_validation, recipe, loaded, vocab, calib, m.dir("model"), export)
+        result = m.record(
+            "validate",
+            run_validation,
+            recipe,
+            ref,
+            loaded.original_tokenizer,
+            vocab,
+            calib,
+            m.dir("model"),
+            export,
+        )
     except BaseException as exc:
         where = m.abandon(exc)
         log.error("run failed; partial output kept for inspection in %s", where)

@@ -86,7 +86,9 @@ class GenaiDecoder:
         step = self._start(prompt)
         return [step() for _ in range(n)]
 
-    def decode_speed(self, prompts: Sequence[Sequence[int]], new_tokens: int, warmup: int = 1) -> dict[str, Any]:
+    def decode_speed(
+        self, prompts: Sequence[Sequence[int]], new_tokens: int, warmup: int = 1
+    ) -> dict[str, Any]:
         """Timed exactly like converter.ort's loops (the same function), the prefill inside the first token."""
         from converter.ort import timed_decode
 
@@ -115,10 +117,14 @@ class OrtArtifact:
 
         return self._ort.greedy_generate_onnx(self.decoder, torch.tensor([list(prompt)]), n)
 
-    def decode_speed(self, prompts: Sequence[Sequence[int]], new_tokens: int, warmup: int = 1) -> dict[str, Any]:
+    def decode_speed(
+        self, prompts: Sequence[Sequence[int]], new_tokens: int, warmup: int = 1
+    ) -> dict[str, Any]:
         import torch
 
-        out = self._ort.decode_speed_onnx(self.decoder, [torch.tensor([list(p)]) for p in prompts], new_tokens, warmup)
+        out = self._ort.decode_speed_onnx(
+            self.decoder, [torch.tensor([list(p)]) for p in prompts], new_tokens, warmup
+        )
         out["runtime"] = self.runtime
         return out
 
@@ -136,13 +142,13 @@ def artifact_logits_fn(artifact: GenaiDecoder | OrtArtifact):
     import torch
 
     def fn(ids: Any, mask: Any) -> Any:
-        rows = []
-        for row, m in zip(ids, mask):
+        full = None  # (B, S, V), filled row by row
+        for j, (row, m) in enumerate(zip(ids, mask)):
             n = int(m.sum())
             lg = artifact.logits(row[:n].tolist())
-            full = np.zeros((ids.shape[1], lg.shape[-1]), np.float32)
-            full[:n] = lg
-            rows.append(full)
-        return torch.from_numpy(np.stack(rows))
+            if full is None:
+                full = np.zeros((ids.shape[0], ids.shape[1], lg.shape[-1]), np.float32)
+            full[j, :n] = lg
+        return torch.from_numpy(full)
 
     return fn

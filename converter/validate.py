@@ -13,17 +13,21 @@ Checks
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from converter.calibrate import CalibrationResult
 from converter.load import LoadedModel
 from converter.recipe import ValidateConfig
+from converter.reference import ReferenceResult, speed_prompts
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,9 @@ class ValidateResult:
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
-def tokenizer_parity(original: Any, trimmed: Any, token_map: list[int] | None, docs: list[str]) -> dict[str, Any]:
+def tokenizer_parity(
+    original: Any, trimmed: Any, token_map: list[int] | None, docs: list[str]
+) -> dict[str, Any]:
     """Share of documents whose trimmed ids, mapped back through token_map, equal the original ids."""
     if not docs:
         return {"docs": 0, "identical": 0, "share": float("nan"), "first_mismatch": None}
@@ -151,7 +157,12 @@ def chat_template_parity(
                 same += 1
             elif first is None:
                 first = conv[0]["content"][:80]
-    return {"renders": total, "identical": same, "share": same / total if total else float("nan"), "first_mismatch": first}
+    return {
+        "renders": total,
+        "identical": same,
+        "share": same / total if total else float("nan"),
+        "first_mismatch": first,
+    }
 
 
 def tokens_per_char(tokenizer: Any, docs: list[str], byte_ids: set[int] | None = None) -> dict[str, float]:
@@ -171,13 +182,25 @@ def byte_token_ids(tokenizer: Any) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- quality
-def _batches(tokenizer: Any, docs: list[str], max_len: int, batch: int = 8):
+# Largest logits tensor one scoring batch may produce, in float32 elements (64 MB): rows x positions x vocab.
+LOGIT_BUDGET = 16 * 1024 * 1024
+_LSE_CHUNK = 64  # positions per log-sum-exp pass, so the temporary stays a few dozen MB for big vocabularies
+
+
+def _batches(tokenizer: Any, docs: list[str], max_len: int, vocab_size: int, max_rows: int = 8):
+    """Documents as right-padded batches, longest first, each batch's logits within :data:`LOGIT_BUDGET`.
+
+    Sorting by length keeps padding (computed and thrown away) small; the budget keeps a 262k-token vocabulary
+    from needing gigabytes of logits: (8, 256, 262144) float32 would be 2.1 GB."""
     enc = [ids[:max_len] for ids in tokenizer(docs, add_special_tokens=True)["input_ids"]]
-    enc = [e for e in enc if len(e) >= 2]
+    enc = sorted((e for e in enc if len(e) >= 2), key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(enc), batch):
-        chunk = enc[i : i + batch]
-        width = max(len(e) for e in chunk)
+    i = 0
+    while i < len(enc):
+        width = len(enc[i])  # the longest of the batch: the list is sorted
+        rows = max(1, min(max_rows, LOGIT_BUDGET // max(1, width * vocab_size)))
+        chunk = enc[i : i + rows]
+        i += len(chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, e in enumerate(chunk):
@@ -186,24 +209,39 @@ def _batches(tokenizer: Any, docs: list[str], max_len: int, batch: int = 8):
         yield chunk, ids, mask
 
 
-def score_texts(logits_fn: Any, tokenizer: Any, docs: list[str], max_len: int) -> dict[str, float]:
+def _target_logprob_sum(logits: torch.Tensor, chunk: list[list[int]]) -> float:
+    """Sum over the real positions of log p(next token): logit[target] - logsumexp(logits), in position chunks."""
+    total = 0.0
+    for j, e in enumerate(chunk):
+        n = len(e) - 1  # positions 0..n-1 predict tokens 1..n
+        target = torch.tensor(e[1:], dtype=torch.long)
+        for a in range(0, n, _LSE_CHUNK):
+            b = min(n, a + _LSE_CHUNK)
+            rows = logits[j, a:b].float()  # (positions, vocab)
+            picked = rows.gather(-1, target[a:b, None])[:, 0]
+            total += float((picked - torch.logsumexp(rows, dim=-1)).sum())
+    return total
+
+
+def score_texts(
+    logits_fn: Any, tokenizer: Any, docs: list[str], max_len: int, vocab_size: int | None = None
+) -> dict[str, float]:
     """Bits per UTF-8 byte and perplexity of ``docs`` under a model given as logits_fn(ids, mask) -> logits.
 
     Bits per byte divides the summed negative log-likelihood (in bits) of every predicted token by the UTF-8
-    bytes those tokens spell, so it compares models whose tokenizers differ.
+    bytes those tokens spell, so it compares models whose tokenizers differ. ``vocab_size``: the width of the
+    logits (default: the tokenizer's length), which sizes the batches.
     """
     nll = 0.0
     n_tok = 0
     n_bytes = 0
-    for chunk, ids, mask in _batches(tokenizer, docs, max_len):
-        logits = torch.as_tensor(logits_fn(ids, mask)).float()  # (batch, seq, vocab)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:]
-        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
-        valid = mask[:, 1:].bool()
-        nll -= float(tok_lp[valid].sum())
-        n_tok += int(valid.sum())
+    width = vocab_size or len(tokenizer)
+    for chunk, ids, mask in _batches(tokenizer, docs, max_len, width):
+        logits = torch.as_tensor(logits_fn(ids, mask))  # (batch, seq, vocab)
+        nll -= _target_logprob_sum(logits, chunk)
+        del logits
         for e in chunk:
+            n_tok += len(e) - 1
             n_bytes += len(tokenizer.decode(e[1:], skip_special_tokens=True).encode("utf-8"))
     if n_tok == 0 or n_bytes == 0:
         return {"bpb": float("nan"), "ppl": float("nan"), "tokens": 0, "bytes": 0}
@@ -270,7 +308,8 @@ def dir_bytes(path: Path | None, pattern: str = "*") -> int:
 
 # ---------------------------------------------------------------------------------------------------- driver
 def validate(
-    original: LoadedModel,
+    reference: ReferenceResult,
+    original_tokenizer: Any,
     converted: LoadedModel,
     token_map: list[int] | None,
     calib: CalibrationResult,
@@ -282,7 +321,10 @@ def validate(
     runtime: str | None = None,
     script_check: dict[str, Any] | None = None,
 ) -> ValidateResult:
-    """``parity_gated``: target languages whose tokenization the trim guarantees (default: every target).
+    """Check ``converted`` (the saved checkpoint, loaded back) and its ONNX artifact against ``reference`` (the
+    original's numbers, measured before any stage changed it) and ``original_tokenizer``.
+
+    ``parity_gated``: target languages whose tokenization the trim guarantees (default: every target).
     ``runtime``: the artifact's runtime ('onnxruntime-genai' or 'onnxruntime'; default: from its files).
     ``script_check``: the trim's exhaustive script check (``vocab.probe.script_check``), gated at no difference."""
     res = ValidateResult()
@@ -291,21 +333,21 @@ def validate(
 
     # --- tokenizer parity and round trip
     m["tokenizer"] = {}
-    byte_old = byte_token_ids(original.tokenizer)
+    byte_old = byte_token_ids(original_tokenizer)
     byte_new = byte_token_ids(converted.tokenizer)
     parity_docs = 0
     parity_same = 0
     for d in calib.languages.values():
         entry: dict[str, Any] = {"target": d.keep_vocab}
         if d.keep_vocab:
-            p = tokenizer_parity(original.tokenizer, converted.tokenizer, token_map, d.heldout_docs)
+            p = tokenizer_parity(original_tokenizer, converted.tokenizer, token_map, d.heldout_docs)
             p["gated"] = parity_gated is None or d.code in parity_gated
             entry["parity"] = p
             if p["gated"]:
                 parity_docs += p["docs"]
                 parity_same += p["identical"]
-        entry["round_trip"] = round_trip(original.tokenizer, converted.tokenizer, d.heldout_docs)
-        entry["before"] = tokens_per_char(original.tokenizer, d.heldout_docs, byte_old or None)
+        entry["round_trip"] = round_trip(original_tokenizer, converted.tokenizer, d.heldout_docs)
+        entry["before"] = tokens_per_char(original_tokenizer, d.heldout_docs, byte_old or None)
         entry["after"] = tokens_per_char(converted.tokenizer, d.heldout_docs, byte_new or None)
         m["tokenizer"][d.code] = entry
     if parity_docs:
@@ -334,7 +376,7 @@ def validate(
             )
         )
     chat_docs = [doc for d in targets for doc in d.heldout_docs[:3]]
-    chat = chat_template_parity(original.tokenizer, converted.tokenizer, token_map, chat_docs)
+    chat = chat_template_parity(original_tokenizer, converted.tokenizer, token_map, chat_docs)
     if chat is not None:
         m["chat_template"] = chat
         res.checks.append(
@@ -350,13 +392,20 @@ def validate(
     rt_ok = sum(e["round_trip"]["identical"] for e in m["tokenizer"].values())
     if rt_docs:
         res.checks.append(
-            gate("tokenizer round trip (all languages)", rt_ok / rt_docs, ">=", 1.0, f"{rt_ok}/{rt_docs} documents")
+            gate(
+                "tokenizer round trip (all languages)",
+                rt_ok / rt_docs,
+                ">=",
+                1.0,
+                f"{rt_ok}/{rt_docs} documents",
+            )
         )
 
     # --- quality per language
     m["quality"] = {}
-    orig_fn = torch_logits_fn(original.model)
     conv_fn = torch_logits_fn(converted.model)
+    rows = converted.model.get_output_embeddings().weight.shape[0]
+    pc = param_counts(converted.model)
     artifact = None
     if onnx_dir is not None:
         from converter.runtime import artifact_logits_fn, open_artifact
@@ -367,18 +416,26 @@ def validate(
     worst_quant = None
     for d in calib.languages.values():
         q = {
-            "original": score_texts(orig_fn, original.tokenizer, d.heldout_docs, cfg.eval_seq_len),
-            "converted": score_texts(conv_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len),
+            "original": reference.quality[d.code],
+            "converted": score_texts(
+                conv_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len, vocab_size=rows
+            ),
         }
         if art_fn is not None:
-            q["artifact"] = score_texts(art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len)
+            q["artifact"] = score_texts(
+                art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len, vocab_size=rows
+            )
             q["artifact_vs_converted"] = _rel(q["artifact"]["bpb"], q["converted"]["bpb"])
         final = q.get("artifact", q["converted"])
         q["bpb_increase"] = _rel(final["bpb"], q["original"]["bpb"])
         m["quality"][d.code] = q
         if d.keep_vocab and (worst_increase is None or q["bpb_increase"] > worst_increase[1]):
             worst_increase = (d.code, q["bpb_increase"])
-        if d.keep_vocab and "artifact" in q and (worst_quant is None or q["artifact_vs_converted"] > worst_quant[1]):
+        if (
+            d.keep_vocab
+            and "artifact" in q
+            and (worst_quant is None or q["artifact_vs_converted"] > worst_quant[1])
+        ):
             worst_quant = (d.code, q["artifact_vs_converted"])
         log.info(
             "quality %s: bpb %.3f -> %.3f (%+.1f%%)",
@@ -403,50 +460,102 @@ def validate(
         else:
             res.checks.append(Check(name, inc, detail=detail + " (not gated)"))
 
-    # --- ONNX parity
+    # --- ONNX parity. Two passes over the same windows, one runtime at a time: pass 1 holds PyTorch and the
+    # shipped artifact, pass 2 only the float export. PyTorch's logits go to an unlinked scratch file in pass 1
+    # and are read back window by window in pass 2, so the converted model is released before the float
+    # session opens and no two models and sessions are ever in memory together.
+    art_speed = None
     if onnx_dir is not None:
         from converter import ort
 
         docs = [doc for d in targets for doc in d.heldout_docs[:4]]
         ids_list = [
-            e[: cfg.eval_seq_len] for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"] if len(e) > 1
+            e[: cfg.eval_seq_len]
+            for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"]
+            if len(e) > 1
         ]
         long_ids = _long_prompt(converted.tokenizer, [doc for d in targets for doc in d.heldout_docs], cfg)
+        windows = ids_list + ([long_ids] if long_ids else [])
         float_dir = float_onnx_dir or onnx_dir
         quantized = float_dir != onnx_dir
         kind = "quantized artifact" if quantized else "artifact"
-        max_diff = 0.0
-        agree = {"float": [0, 0], "artifact": [0, 0]}
-        for e in ids_list + ([long_ids] if long_ids else []):
-            ids = torch.tensor([e])
-            ref = conv_fn(ids, torch.ones_like(ids)).float()[0]
-            fl = torch.as_tensor(ort.onnx_logits(float_dir, ids)).float()[0]
-            max_diff = max(max_diff, float((ref - fl).abs().max()))
-            agree["float"][0] += int((ref.argmax(-1) == fl.argmax(-1)).sum())
-            agree["float"][1] += len(e)
-            art = torch.from_numpy(artifact.logits(e)).float()
-            agree["artifact"][0] += int((ref.argmax(-1) == art.argmax(-1)).sum())
-            agree["artifact"][1] += len(e)
-        top1_float = agree["float"][0] / max(1, agree["float"][1])
-        top1_art = agree["artifact"][0] / max(1, agree["artifact"][1])
+        prompts = {}
+        if cfg.greedy_tokens and ids_list:
+            prompts = {"short": ids_list[0][:16], **({"long": long_ids} if long_ids else {})}
+        ref_greedy = {
+            label: ort.greedy_generate_torch(converted.model, torch.tensor([p]), cfg.greedy_tokens)
+            for label, p in prompts.items()
+        }
+
+        # pass 1: the shipped artifact, in its own runtime
+        agree_art = [0, 0]
+        scratch = tempfile.TemporaryFile(dir=model_dir.parent)
+        shapes = []
+        for e in windows:
+            ref = conv_fn(torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long))[0].float().numpy()
+            scratch.write(ref.tobytes())
+            shapes.append(ref.shape)
+            art_top = torch.from_numpy(artifact.logits(e)).argmax(-1)
+            agree_art[0] += int((torch.from_numpy(ref).argmax(-1) == art_top).sum())
+            agree_art[1] += len(e)
+            del ref
+        greedy = {
+            label: {"onnx_artifact": artifact.greedy(p, cfg.greedy_tokens)} for label, p in prompts.items()
+        }
+        if reference.speed is not None and targets:
+            art_speed = artifact.decode_speed(
+                speed_prompts(converted.tokenizer, calib, cfg), cfg.speed_new_tokens
+            )
         runtime_name = artifact.runtime
+        artifact = art_fn = conv_fn = None
+        converted.release_weights()
+        gc.collect()
+
+        # pass 2: the float export in plain onnxruntime, against PyTorch logit by logit
+        max_diff = 0.0
+        agree_float = [0, 0]
+        scratch.seek(0)
+        for e, shape in zip(windows, shapes):
+            ref_np = np.empty(shape, np.float32)
+            scratch.readinto(memoryview(ref_np).cast("B"))
+            ref = torch.from_numpy(ref_np)
+            fl = torch.as_tensor(ort.onnx_logits(float_dir, torch.tensor([e]))).float()[0]
+            for a in range(0, len(e), _LSE_CHUNK):  # the difference in chunks: no third (S, V) tensor
+                max_diff = max(
+                    max_diff, float((ref[a : a + _LSE_CHUNK] - fl[a : a + _LSE_CHUNK]).abs().max())
+                )
+            agree_float[0] += int((ref.argmax(-1) == fl.argmax(-1)).sum())
+            agree_float[1] += len(e)
+            del ref, ref_np, fl
+        scratch.close()
+        for label, p in prompts.items():
+            greedy[label]["onnx_float"] = ort.greedy_generate_onnx(
+                float_dir, torch.tensor([p]), cfg.greedy_tokens
+            )
+        ort.clear_session_cache()
+        gc.collect()
+
+        top1_float = agree_float[0] / max(1, agree_float[1])
+        top1_art = agree_art[0] / max(1, agree_art[1])
         m["onnx"] = {
             "max_abs_logit_diff_float": max_diff,
             "top1_agreement_float": top1_float,
             "top1_agreement_artifact": top1_art,
-            "positions": agree["float"][1],
+            "positions": agree_float[1],
             "long_prompt_tokens": len(long_ids) if long_ids else 0,
             "quantized": quantized,
             "runtime": runtime_name,
         }
-        windows = f"{len(ids_list)} held-out windows" + (f" + one of {len(long_ids)} tokens" if long_ids else "")
+        n_windows = f"{len(ids_list)} held-out windows" + (
+            f" + one of {len(long_ids)} tokens" if long_ids else ""
+        )
         res.checks.append(
             gate(
                 "ONNX float vs PyTorch max |Δlogit|",
                 max_diff,
                 "<=",
                 cfg.onnx_max_abs_logit_diff,
-                f"{windows}, {agree['float'][1]} positions",
+                f"{n_windows}, {agree_float[1]} positions",
             )
         )
         res.checks.append(
@@ -455,19 +564,17 @@ def validate(
                 top1_art,
                 ">=",
                 cfg.onnx_min_top1_agreement,
-                f"{kind} in {runtime_name}, {windows}",
+                f"{kind} in {runtime_name}, {n_windows}",
             )
         )
-        if cfg.greedy_tokens and ids_list:
-            prompts = {"short": ids_list[0][:16]}
-            if long_ids:
-                prompts["long"] = long_ids
+        if prompts:
             m["onnx"]["greedy"] = {}
             for label, prompt in prompts.items():
-                pt = torch.tensor([prompt])
-                ref_tokens = ort.greedy_generate_torch(converted.model, pt, cfg.greedy_tokens)
-                runs = {"onnx_float": ort.greedy_generate_onnx(float_dir, pt, cfg.greedy_tokens)}
-                runs["onnx_artifact"] = artifact.greedy(prompt, cfg.greedy_tokens)
+                ref_tokens = ref_greedy[label]
+                runs = {
+                    "onnx_float": greedy[label]["onnx_float"],
+                    "onnx_artifact": greedy[label]["onnx_artifact"],
+                }
                 m["onnx"]["greedy"][label] = {"prompt_tokens": len(prompt), "torch": ref_tokens, **runs}
                 for which, toks in runs.items():
                     same = next((i for i, (a, b) in enumerate(zip(ref_tokens, toks)) if a != b), len(toks))
@@ -491,11 +598,7 @@ def validate(
             )
 
     # --- sizes
-    before = {"parameters": original.original_num_parameters}
-    before.update({"nonzero_parameters": param_counts(original.model)["nonzero"]})
-    before["vocab_size"] = original.original_vocab_size
-    before["checkpoint_bytes"] = dir_bytes(original.checkpoint_dir, "*.safetensors")
-    pc = param_counts(converted.model)
+    before = dict(reference.size)
     after = {
         "parameters": pc["total"],
         "nonzero_parameters": pc["nonzero"],
@@ -512,22 +615,17 @@ def validate(
         )
     )
 
-    # --- speed
-    if cfg.speed_prompts and targets:
-        from converter import ort
-
-        docs = [doc for d in targets for doc in d.heldout_docs][: cfg.speed_prompts]
-        p_orig = [torch.tensor([e[:32]]) for e in original.tokenizer(docs, add_special_tokens=True)["input_ids"]]
-        p_new = [torch.tensor([e[:32]]) for e in converted.tokenizer(docs, add_special_tokens=True)["input_ids"]]
-        speed = {"original_torch": ort.decode_speed_torch(original.model, p_orig, cfg.speed_new_tokens)}
-        if artifact is not None:
-            speed["artifact_onnx"] = artifact.decode_speed([p[0].tolist() for p in p_new], cfg.speed_new_tokens)
-            speed["ratio_tokens_per_s"] = speed["artifact_onnx"]["tokens_per_s"] / speed["original_torch"]["tokens_per_s"]
+    # --- speed (the original timed by the reference stage, the artifact in pass 1 above, on the same prompts)
+    if reference.speed is not None and targets:
+        speed = {"original_torch": reference.speed}
+        if art_speed is not None:
+            speed["artifact_onnx"] = art_speed
+            speed["ratio_tokens_per_s"] = art_speed["tokens_per_s"] / reference.speed["tokens_per_s"]
             res.checks.append(
                 Check(
                     "decode tokens/s artifact / original",
                     speed["ratio_tokens_per_s"],
-                    detail=f"{speed['original_torch']['tokens_per_s']:.1f} -> {speed['artifact_onnx']['tokens_per_s']:.1f} tok/s",
+                    detail=f"{reference.speed['tokens_per_s']:.1f} -> {art_speed['tokens_per_s']:.1f} tok/s",
                 )
             )
         speed["note"] = SPEED_NOTE

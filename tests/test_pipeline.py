@@ -128,7 +128,7 @@ def test_manifest_records_stages_versions_and_checksums(release):
     out = tmp / "dist" / "tiny-ko"
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "ok"
-    assert list(man["stages"]) == ["load", "calibrate", "prune", "trim_vocab", "save", "export", "validate"]
+    assert list(man["stages"]) == ["load", "calibrate", "reference", "prune", "trim_vocab", "save", "export", "validate"]
     assert all(s["status"] == "ok" and s["seconds"] >= 0 for s in man["stages"].values())
     assert len(man["recipe_sha256"]) == 64 and man["recipe"]["name"] == "tiny-ko"
     assert {"torch", "transformers", "onnxruntime"} <= set(man["versions"])

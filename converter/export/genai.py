@@ -22,6 +22,7 @@ Two edits follow the build:
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ExportError, ModelError, RecipeError
-from converter.export.io import ONNX_NAME, save, short
+from converter.export.io import ONNX_NAME, array, load_lazy, reading_from, save, short
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def check_config(config: dict, context_length: int) -> None:
 
     why = genai_incompatibility(config)
     if why:
-        raise ModelError(f"export.format 'genai' cannot convert this model: {why}; use export.format: optimum.")
+        raise ModelError(
+            f"export.format 'genai' cannot convert this model: {why}; use export.format: optimum."
+        )
     window = config.get("sliding_window")
     if window and context_length < window:
         raise RecipeError(
@@ -114,6 +117,7 @@ def build(model_dir: Path, out_dir: Path, context_length: int | None) -> dict[st
         ) from exc
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        gc.collect()  # the builder's model and graph sit in reference cycles: free them before the next pass
     log.debug("onnxruntime-genai builder output:\n%s", chatter.getvalue())
     if not (out_dir / ONNX_NAME).is_file() or not (out_dir / GENAI_CONFIG).is_file():
         raise ExportError(
@@ -132,18 +136,20 @@ def build(model_dir: Path, out_dir: Path, context_length: int | None) -> dict[st
 
 def _cut_rope_caches(path: Path, context_length: int) -> int:
     """Keep the first ``context_length`` rows of the builder's (max_positions, head_dim/2) cos/sin caches."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = load_lazy(path)  # only the caches are read; the weights are copied file to file on save
     removed = 0
-    for i, t in enumerate(model.graph.initializer):
-        if t.name.startswith(_ROPE_CACHES) and len(t.dims) == 2 and t.dims[0] > context_length:
-            arr = numpy_helper.to_array(t)
-            removed += arr.shape[0] - context_length
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr[:context_length].copy(), t.name))
+    with reading_from(path.parent):
+        for i, t in enumerate(model.graph.initializer):
+            if t.name.startswith(_ROPE_CACHES) and len(t.dims) == 2 and t.dims[0] > context_length:
+                arr = array(t)
+                removed += arr.shape[0] - context_length
+                model.graph.initializer[i].CopyFrom(
+                    numpy_helper.from_array(arr[:context_length].copy(), t.name)
+                )
     if removed:
-        save(model, path, data_name=DATA_NAME, external=True)
+        save(model, path, data_name=DATA_NAME, external=True, src_dir=path.parent)
     return removed
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from converter.export.io import array
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def tie_transposed_embedding(model: Any) -> list[tuple[str, str]]:
     Returns the (embedding, lm_head) initializer name pairs that were tied; E is removed from the graph.
     """
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     inits = {t.name: t for t in model.graph.initializer}
     users_of = consumers(model)
@@ -57,8 +59,8 @@ def tie_transposed_embedding(model: Any) -> list[tuple[str, str]]:
             cinit = inits[cand]
             if cinit.data_type != init.data_type:
                 continue
-            emb = numpy_helper.to_array(init) if emb is None else emb
-            if np.array_equal(emb.T, numpy_helper.to_array(cinit)):
+            emb = array(init) if emb is None else emb
+            if np.array_equal(emb.T, array(cinit)):
                 for node in users:
                     _rewrite_gather_transposed(model, node, cand, helper)
                 model.graph.initializer.remove(init)
@@ -96,8 +98,6 @@ def _rank_of(model: Any, name: str) -> int:
     return 2  # input_ids (batch, seq)
 
 
-
-
 def share_quantized_gather(model: Any) -> list[str]:
     """Point tied Gathers (axis=1 on a float W (H, V)) at W's int8 copy and dequantize per gathered token.
 
@@ -120,7 +120,7 @@ def share_quantized_gather(model: Any) -> list[str]:
         if not gathers or len(gathers) != len(users):
             continue
         per_channel = len(inits[s].dims) == 1
-        has_zp = bool(numpy_helper.to_array(inits[z]).any())
+        has_zp = bool(array(inits[z]).any())
         for node in gathers:
             transpose = next(n for n in users_of.get(node.output[0], []) if n.op_type == "Transpose")
             ids, out, base = node.input[1], transpose.output[0], node.name or name
@@ -187,7 +187,9 @@ def tied_embedding_gathers(model: Any, weight: str) -> list[tuple[list[Any], str
                 found.append(([node, nxt[0]], node.input[1], nxt[0].output[0]))
         elif node.op_type == "Transpose" and list(_perm(node)) == [1, 0]:
             nxt = users_of.get(node.output[0], [])
-            if nxt and all(n.op_type == "Gather" and n.input[0] == node.output[0] and _axis(n) == 0 for n in nxt):
+            if nxt and all(
+                n.op_type == "Gather" and n.input[0] == node.output[0] and _axis(n) == 0 for n in nxt
+            ):
                 for g in nxt:
                     found.append(([node, g] if g is nxt[0] else [g], g.input[1], g.output[0]))
     return found
@@ -262,14 +264,19 @@ def fold_transposed_weights(model: Any) -> int:
         if node.op_type != "MatMul" or node.input[1] in inits:
             continue
         tr = producer.get(node.input[1])
-        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits or _perm(tr) not in ([1, 0], []):
+        if (
+            tr is None
+            or tr.op_type != "Transpose"
+            or tr.input[0] not in inits
+            or _perm(tr) not in ([1, 0], [])
+        ):
             continue
         src = inits[tr.input[0]]
         if len(src.dims) != 2:
             continue
         name = f"{src.name}.T"
         if name not in inits:
-            arr = numpy_helper.to_array(src)
+            arr = array(src)
             model.graph.initializer.append(numpy_helper.from_array(arr.T.copy(), name))
             inits[name] = model.graph.initializer[-1]
         node.input[1] = name

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from converter.errors import ExportError
 from converter.export import graph
-from converter.export.io import ONNX_NAME, save, short
+from converter.export.io import ONNX_NAME, load_lazy, reading_from, save, short
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,12 @@ def _optimum_export(model_dir: Path, out_dir: Path, task: str, opset: int | None
 
 
 def _tie_float(path: Path) -> bool:
-    import onnx
-
     try:
-        model = onnx.load(str(path))
-        tied = graph.tie_transposed_embedding(model)
+        model = load_lazy(path)
+        with reading_from(path.parent):
+            tied = graph.tie_transposed_embedding(model)
         if tied:
-            save(model, path)
+            save(model, path, src_dir=path.parent)
         return bool(tied)
     except Exception as exc:
         log.debug("tying the embedding failed", exc_info=True)
