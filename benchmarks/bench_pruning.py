@@ -39,6 +39,18 @@ CONFIGS: dict[str, dict] = {
     "experts25-norefit": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": False},
     "random25": {"method": "experts", "sparsity": 0.25, "expert_selection": "random", "refit": True},
     "wandasp25": {"method": "experts", "sparsity": 0.25, "expert_selection": "wanda-sp", "refit": True},
+    "experts125": {"method": "experts", "sparsity": 0.125, "expert_selection": "activation", "refit": True},
+    "recon125": {"method": "experts", "sparsity": 0.125, "expert_selection": "reconstruction", "refit": True},
+    "recon25": {"method": "experts", "sparsity": 0.25, "expert_selection": "reconstruction", "refit": True},
+    "neurons25": {
+        "method": "experts", "sparsity": 0.25, "experts": 2048, "expert_selection": "reconstruction", "refit": True
+    },
+    "neurons375": {
+        "method": "experts", "sparsity": 0.375, "experts": 2048, "expert_selection": "reconstruction", "refit": True
+    },
+    "neurons50": {
+        "method": "experts", "sparsity": 0.5, "experts": 2048, "expert_selection": "reconstruction", "refit": True
+    },
     "experts50": {"method": "experts", "sparsity": 0.5, "expert_selection": "activation", "refit": True},
     "random50": {"method": "experts", "sparsity": 0.5, "expert_selection": "random", "refit": True},
 }

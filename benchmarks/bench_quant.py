@@ -38,7 +38,31 @@ VARIANTS = {
     "int4 block 32": {"quantize": "int4", "block_size": 32},
     "int4 block 32, lm_head 8-bit": {"quantize": "int4", "block_size": 32, "lm_head_bits": 8},
     "int4 block 32, mse scales": {"quantize": "int4", "block_size": 32, "scale_search": "mse"},
+    "int8 block 64, mse scales, GPTQ": {"quantize": "int8", "block_size": 64, "scale_search": "mse", "gptq": True},
+    "int4 block 32, GPTQ": {"quantize": "int4", "block_size": 32, "gptq": True},
+    "int4 block 32, lm_head 8-bit, GPTQ": {"quantize": "int4", "block_size": 32, "lm_head_bits": 8, "gptq": True},
+    "int4 block 32, mse scales, lm_head 8-bit, GPTQ": {
+        "quantize": "int4", "block_size": 32, "scale_search": "mse", "lm_head_bits": 8, "gptq": True
+    },
 }
+
+
+def _gptq(release: Path, cfg, work: Path):
+    """GPTQ codes for the release's model/ on its recipe's calibration windows (the recipe's own languages and
+    seed, tokenized by the trimmed tokenizer; the held-out split stays unseen)."""
+    import json
+
+    from converter.calibrate import calibrate
+    from converter.export.gptq import gptq_codes
+    from converter.load import load_saved
+    from converter.recipe import recipe_from_dict
+
+    man = json.loads((release / "manifest.json").read_text())
+    recipe = recipe_from_dict(man["recipe"], Path(man.get("recipe_dir") or (REPO / "recipes")))
+    loaded = load_saved(release / "model", recipe.model)
+    calib = calibrate(loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources)
+    work.mkdir(parents=True, exist_ok=True)
+    return gptq_codes(loaded, calib, cfg, "cpu", work)
 
 
 def main() -> None:
@@ -47,8 +71,10 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--variants", help="subset of the variant names, separated by semicolons (default: all)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    variants = {v: VARIANTS[v] for v in args.variants.split(";")} if args.variants else VARIANTS
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,9 +101,11 @@ def main() -> None:
     del ref_model
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         decs, sizes, bpb, top1 = {}, {}, {}, {}
-        for name, opts in VARIANTS.items():
+        for name, opts in variants.items():
             out = Path(tmp) / str(len(decs))
-            res = export_onnx(model_dir, out / "onnx", ExportConfig(context_length=2048, **opts), out / "w")
+            cfg = ExportConfig(context_length=2048, **opts)
+            codes = _gptq(args.release, cfg, out) if cfg.gptq else None
+            res = export_onnx(model_dir, out / "onnx", cfg, out / "w", gptq=codes)
             shutil.rmtree(out / "w", ignore_errors=True)
             sizes[name] = res.bytes
             decs[name] = GenaiDecoder(res.onnx_dir, max_length=2048)

@@ -10,6 +10,7 @@ from typing import Any
 from converter.calibrate import calibrate
 from converter.errors import GateFailed
 from converter.export import export_onnx
+from converter.export.gptq import gptq_codes
 from converter.load import LoadedModel, load_model, load_saved
 from converter.manifest import Manifest
 from converter.prune import prune
@@ -99,12 +100,17 @@ def run_recipe(recipe: Recipe) -> Path:
         )
         ref = m.record("reference", reference, loaded, calib, recipe.validate_cfg)
         m.record("prune", prune, loaded, calib, recipe.prune, device)
+        gptq = None
+        if recipe.export.enabled and recipe.export.gptq:
+            gptq = m.record("gptq", gptq_codes, loaded, calib, recipe.export, device, m.scratch)
         vocab = m.record("trim_vocab", trim_vocab, loaded, calib, recipe.vocab)
         m.record("save", save_checkpoint, loaded, vocab, m.dir("model"))
         loaded.release_weights()  # export and validate read model/ from disk
         export = None
         if recipe.export.enabled:
-            export = m.record("export", export_onnx, m.dir("model"), m.dir("onnx"), recipe.export, m.scratch)
+            export = m.record(
+                "export", export_onnx, m.dir("model"), m.dir("onnx"), recipe.export, m.scratch, gptq
+            )
         result = m.record(
             "validate",
             run_validation,

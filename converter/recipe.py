@@ -165,11 +165,13 @@ class PruneConfig(_Strict):
         description="With method experts: experts per FFN (balanced k-means over the up-projection rows); must "
         "divide intermediate_size. 64 experts of a 2048-wide FFN keep widths multiples of 32.",
     )
-    expert_selection: Literal["activation", "wanda-sp", "random"] = Field(
+    expert_selection: Literal["activation", "reconstruction", "wanda-sp", "random"] = Field(
         default="activation",
         description="With method experts: which neurons go. 'activation': the experts with the smallest mean "
-        "share of FFN activation on the calibration text; 'wanda-sp': single neurons by summed |W|·‖X‖; "
-        "'random': random experts (a baseline).",
+        "share of FFN activation on the calibration text; 'reconstruction': experts removed one at a time, each "
+        "time the one whose removal (with the kept neurons refit) changes the FFN's output on the calibration "
+        "text least (Optimal Brain Surgeon cost; with prune.experts equal to the FFN width, single neurons); "
+        "'wanda-sp': single neurons by summed |W|·‖X‖; 'random': random experts (a baseline).",
     )
     refit: bool = Field(
         default=True,
@@ -311,6 +313,13 @@ class ExportConfig(_Strict):
         "block's largest value (onnxruntime's RTN); 'mse': the scale, from 0.5x to 1x of that, with the least "
         "squared weight error (clips outliers).",
     )
+    gptq: bool = Field(
+        default=False,
+        description="With int8/int4: choose the layers' codes by GPTQ on the calibration text (each input "
+        "column's rounding error spread over the columns not yet quantized, through the inverse Hessian of the "
+        "layer's inputs; scales as scale_search picks them) instead of rounding to nearest; the lm_head and "
+        "embedding keep round to nearest. A stage of its own after prune; needs a language with calibrate: true.",
+    )
     int8_reduce_range: bool = Field(
         default=True,
         description="With quantize int8-dynamic: 7-bit weights. x86 CPUs without VNNI (AVX2, AVX-512 without "
@@ -340,6 +349,8 @@ class ExportConfig(_Strict):
             raise ValueError("export.opset applies to export.format optimum only; remove it or set format: optimum")
         if self.lm_head_bits is not None and self.quantize not in ("int8", "int4"):
             raise ValueError("export.lm_head_bits needs export.quantize int8 or int4; remove it or set quantize")
+        if self.gptq and self.quantize not in ("int8", "int4"):
+            raise ValueError("export.gptq needs export.quantize int8 or int4; remove it or set quantize")
         return self
 
 
@@ -362,6 +373,14 @@ class ValidateConfig(_Strict):
         description="Gate: this many greedy tokens generated with KV cache must match PyTorch, for the float "
         "ONNX export and for the shipped artifact in its own runtime, on a short and on a long prompt "
         "(0 disables).",
+    )
+    greedy_tie_margin: float = Field(
+        default=0.0,
+        ge=0,
+        description="With greedy_tokens: a greedy run that first departs from PyTorch's at a step where "
+        "PyTorch's top-1 logit leads its runner-up by less than this (a near-tie that any rounding may flip) "
+        "still passes; the report gives the step and the margin. 0: every token must match. Weight "
+        "quantization moves logits by a few hundredths, so a quantized artifact needs about 0.1.",
     )
     long_prompt_tokens: int = Field(
         default=640,
@@ -438,6 +457,8 @@ class Recipe(_Strict):
             raise ValueError("vocab.enabled needs at least one language with keep_vocab: true")
         if self.export.quantize != "none" and not self.export.enabled:
             raise ValueError("export.quantize needs export.enabled: true")
+        if self.export.gptq and not any(lang.calibrate for lang in self.languages):
+            raise ValueError("export.gptq needs at least one language with calibrate: true")
         return self
 
     @property

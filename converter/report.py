@@ -163,7 +163,11 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
             for key, name in (("onnx_float", "float ONNX"), ("onnx_artifact", "artifact")):
                 if key in g:
                     same = next((i for i, (a, b) in enumerate(zip(g["torch"], g[key])) if a != b), len(g[key]))
-                    parts.append(f"{name} {same}/{len(g['torch'])} equal")
+                    part = f"{name} {same}/{len(g['torch'])} equal"
+                    margins = g.get("torch_top2_margins") or []
+                    if same < len(g["torch"]) and same < len(margins):
+                        part += f" (PyTorch's top-1 led by {margins[same]:.3f} logits at token {same + 1})"
+                    parts.append(part)
             out.append(
                 f"- greedy tokens with KV cache after a {g['prompt_tokens']}-token {label} prompt: "
                 + ", ".join(parts) + "\n"

@@ -162,6 +162,8 @@ def test_gates_and_report(release):
     for label in ("short", "long"):  # the float artifact in onnxruntime-genai, and the float graph in onnxruntime
         assert names[f"ONNX float greedy tokens with KV cache identical, {label} prompt"]["passed"]
         assert names[f"artifact (onnxruntime-genai) greedy tokens with KV cache identical, {label} prompt"]["passed"]
+    for g in rep["onnx"]["greedy"].values():  # how close each of PyTorch's greedy choices was
+        assert len(g["torch_top2_margins"]) == len(g["torch"]) and min(g["torch_top2_margins"]) >= 0
     assert rep["onnx"]["long_prompt_tokens"] == 100 and rep["onnx"]["runtime"] == "onnxruntime-genai"
     assert rep["tokenizer"]["en"]["parity"]["gated"] is False
     assert rep["vocab"]["policies"]["ranked"] == 500  # English: the tokenizer's 500 best-ranked Latin tokens
@@ -307,3 +309,29 @@ def test_a_run_killed_in_a_stage_leaves_no_release_and_the_next_run_cleans_up(ti
     assert result.exit_code == 0, result.output
     assert (dist / "tiny-ko" / "manifest.json").is_file()
     assert not [p for p in dist.iterdir() if p.name.startswith(".tiny-ko.tmp-")]
+
+
+def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
+    """export.gptq: a gptq stage between prune and trim_vocab, whose codes every layer MatMul of the shipped
+    artifact reads; the checkpoint in model/ stays float (validated against)."""
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_ckpt,
+        export={"quantize": "int4", "block_size": 32, "lm_head_bits": 8, "gptq": True},
+        prune={"method": "none"},
+    )
+    result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
+    out = tmp_path / "dist" / ("tiny-ko" if result.exit_code == 0 else "tiny-ko.failed")
+    assert result.exit_code in (0, 1), result.output  # a random tiny model may miss a quality gate at 4 bits
+    man = json.loads((out / "manifest.json").read_text())
+    stages = list(man["stages"])
+    assert stages.index("prune") < stages.index("gptq") < stages.index("trim_vocab")
+    g = man["stages"]["gptq"]["metrics"]
+    assert g["linears"] == 7 * 2 and all(r < 1.0 for r in g["error_vs_rtn"].values())
+    q = man["stages"]["export"]["metrics"]["quantization"]
+    assert q["matmuls_with_calibrated_codes"] == sum(q["matmuls_by_bits"].values()) - 1  # all but the lm_head
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "model" / "model.safetensors")
+    w = weights["model.layers.0.mlp.down_proj.weight"]
+    assert len(w.unique()) > 64  # float, not 16 levels per block

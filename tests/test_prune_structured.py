@@ -19,6 +19,7 @@ from converter.prune.moe import ExpertStats, balanced_kmeans
 from converter.prune.structured import (
     keep_from_experts,
     keep_from_neurons,
+    obs_remove,
     reconstruction_error,
     refit_down,
     wanda_sp_scores,
@@ -96,6 +97,48 @@ def test_refit_lowers_reconstruction_error_and_matches_activations():
     assert torch.allclose(refit_down(w, gram, torch.arange(8), damp=0.0), w, atol=1e-4)
 
 
+def test_obs_remove_hand_worked():
+    # uncorrelated neurons: [H⁻¹]_jj = 1/g_j, so the cost of neuron j is w_j²·g_j: [1·4, 9·1, 1·9] = [4, 9, 9]
+    gram = torch.diag(torch.tensor([4.0, 1.0, 9.0]))
+    w = torch.tensor([[1.0, 3.0, 1.0]])  # (H=1, I=3)
+    one = torch.arange(3)
+    assert obs_remove(w, gram, one, 1, damp=0.0).tolist() == [1, 2]
+    assert obs_remove(w, gram, one, 2, damp=0.0).tolist() == [2]  # 9 vs 9: the lower index goes first
+    # neurons 0 and 1 fire together (a0 = a1): either can stand in for the other once the refit moves its
+    # weight over, so one of them goes at (almost) no cost although its |w|·‖a‖ is the largest
+    gram = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    w = torch.tensor([[5.0, 5.0, 1.0]])
+    keep = obs_remove(w, gram, one, 1, damp=1e-6)
+    assert keep.tolist() == [1, 2]
+    refit = refit_down(w, gram, keep, damp=1e-6)
+    assert torch.allclose(refit, torch.tensor([[10.0, 1.0]]), atol=1e-4)
+    assert reconstruction_error(w, gram, keep, refit) < 1e-3 < reconstruction_error(
+        w, gram, torch.tensor([0, 1]), refit_down(w, gram, torch.tensor([0, 1]), damp=1e-6)
+    )
+
+
+def test_obs_remove_first_choice_is_the_best_single_expert_and_greedy_tracks_the_refit():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 9, generator=g)
+    a = torch.cat([base, base[:, :3] * 0.7 + 0.2 * torch.randn(300, 3, generator=g)], 1)  # (T, I=12)
+    w = torch.randn(4, 12, generator=g)
+    gram = (a.T @ a).double()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])  # 4 experts of 3 neurons, interleaved
+    errors = []
+    for e in range(4):
+        keep = (labels != e).nonzero().flatten()
+        errors.append(reconstruction_error(w, gram, keep, refit_down(w, gram, keep, damp=0.0)))
+    keep = obs_remove(w, gram, labels, 1, damp=0.0)
+    assert keep.tolist() == (labels != min(range(4), key=errors.__getitem__)).nonzero().flatten().tolist()
+    # two experts removed greedily: never worse than removing the two with the smallest single-removal error
+    keep2 = obs_remove(w, gram, labels, 2, damp=0.0)
+    order = sorted(range(4), key=errors.__getitem__)
+    naive = ((labels != order[0]) & (labels != order[1])).nonzero().flatten()
+    err = reconstruction_error(w, gram, keep2, refit_down(w, gram, keep2, damp=0.0))
+    assert err <= reconstruction_error(w, gram, naive, refit_down(w, gram, naive, damp=0.0)) + 1e-9
+    assert len(keep2) == 6
+
+
 # --------------------------------------------------------------------------------------------------- walk
 def _tiny(mt: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
@@ -159,12 +202,13 @@ def test_nothing_removed_changes_no_logit(mt):
 
 def test_selections_differ_and_random_is_seeded():
     outs = {}
-    for sel in ("activation", "random", "wanda-sp"):
+    for sel in ("activation", "random", "wanda-sp", "reconstruction"):
         model = _tiny("llama")
         prune(loaded_of(model), _calib(), PruneConfig(method="experts", sparsity=0.4, experts=15, expert_selection=sel))
         outs[sel] = model.model.layers[0].mlp.up_proj.weight.clone()
         assert outs[sel].shape[0] == WIDTH - 6 * 3
     assert not torch.equal(outs["activation"], outs["random"])
+    assert not torch.equal(outs["activation"], outs["reconstruction"])
     again = _tiny("llama")
     prune(loaded_of(again), _calib(), PruneConfig(method="experts", sparsity=0.4, experts=15, expert_selection="random"))
     assert torch.equal(again.model.layers[0].mlp.up_proj.weight, outs["random"])

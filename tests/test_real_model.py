@@ -57,11 +57,23 @@ def test_korean_release_passes_its_gates(korean_release):
     assert onnx["runtime"] == "onnxruntime-genai" and onnx["long_prompt_tokens"] == 640  # past the 512 window
     for label in ("short", "long"):  # the shipped int8 artifact in onnxruntime-genai, 16 tokens each
         g = onnx["greedy"][label]
-        assert g["torch"] == g["onnx_float"] == g["onnx_artifact"] and len(g["torch"]) == 16
+        assert g["torch"] == g["onnx_float"] and len(g["torch"]) == 16
+        # the int8 artifact: the same 16 tokens, or the same up to a step where PyTorch's own choice was a
+        # near-tie (the recipe's greedy_tie_margin; measured: 11/16 after the short prompt, then a 0.041 lead)
+        same = next((i for i, (a, b) in enumerate(zip(g["torch"], g["onnx_artifact"])) if a != b), 16)
+        assert same == 16 or g["torch_top2_margins"][same] < 0.1, (same, g["torch_top2_margins"])
+        name = f"quantized artifact (onnxruntime-genai) greedy tokens with KV cache identical up to near-ties, {label} prompt"
+        assert checks[name]["passed"]
+    assert onnx["greedy"]["long"]["onnx_artifact"] == onnx["greedy"]["long"]["torch"]  # past the sliding window
     assert onnx["top1_agreement_artifact"] >= 0.9
     q = rep["quality"]["ko"]
     assert q["original"]["bpb"] < q["artifact"]["bpb"] < 3 * q["original"]["bpb"]
     assert q["artifact_vs_converted"] <= 0.03  # the quantization's own cost
+    # the recipe's quality targets against the original: Korean within +10%, English within +15% (measured on
+    # the 48 held-out lines: +5.4% / +10.7%; this test scores 24)
+    assert q["artifact"]["bpb"] <= 1.10 * q["original"]["bpb"]
+    en = rep["quality"]["en"]
+    assert en["artifact"]["bpb"] <= 1.15 * en["original"]["bpb"]
     assert rep["export"]["format"] == "genai" and rep["export"]["quantize"] == "int8"
     md = (out / "report.md").read_text()
     assert "| vocabulary | 262,144 |" in md and "decode tokens/s" in md

@@ -73,8 +73,11 @@ class ExportResult:
         }
 
 
-def export_onnx(model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Path) -> ExportResult:
-    """Export the checkpoint in ``model_dir`` to ``onnx_dir``; quantized exports keep the float one in ``work_dir``."""
+def export_onnx(
+    model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Path, gptq: Any = None
+) -> ExportResult:
+    """Export the checkpoint in ``model_dir`` to ``onnx_dir``; quantized exports keep the float one in ``work_dir``.
+    ``gptq``: the gptq stage's result (export.gptq), whose codes replace round to nearest for the layers."""
     from converter.export import genai, optimum, quantize
 
     model_dir, onnx_dir, work_dir = Path(model_dir), Path(onnx_dir), Path(work_dir)
@@ -115,6 +118,7 @@ def export_onnx(model_dir: Path, onnx_dir: Path, cfg: ExportConfig, work_dir: Pa
                     accuracy_level=cfg.accuracy_level,
                     head_bits=cfg.lm_head_bits,
                     scale_search=cfg.scale_search,
+                    codes_for=gptq.load() if gptq is not None else None,
                 )
             copy_non_onnx(float_dir, tmp)
 

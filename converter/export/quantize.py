@@ -138,12 +138,16 @@ def weight_only_quantize(
     accuracy_level: int,
     head_bits: int | None = None,
     scale_search: str = "absmax",
+    codes_for: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Replace every float MatMul with a constant 2-D weight by MatMulNBits, in place; share a tied embedding.
 
     The lm_head is the MatMul that writes the graph's ``logits`` output (directly or through elementwise ops);
-    it gets ``head_bits`` (default: ``bits``). Returns what was done: counts, bits per node, bytes.
+    it gets ``head_bits`` (default: ``bits``). ``codes_for``: precomputed (codes, scales) per weight, keyed by
+    gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never). Returns what
+    was done: counts, bits per node, bytes.
     """
+
     from onnx import TensorProto, helper, numpy_helper
 
     if graph.fold_transposed_weights(model):
@@ -155,6 +159,7 @@ def weight_only_quantize(
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     per_bits: dict[int, int] = {}
     weight_bytes = 0
+    precomputed = 0
     head_info: dict[str, Any] = {}
     nodes = list(model.graph.node)
     for node in nodes:
@@ -166,7 +171,12 @@ def weight_only_quantize(
         w = array(init)
         k, n = w.shape
         nb = head_bits if (node is head and head_bits) else bits
-        codes, scales = block_quantize(w, nb, block_size, scale_search)
+        pre = _precomputed(w, codes_for, block_size) if (codes_for and node is not head) else None
+        if pre is not None:
+            codes, scales = pre
+            precomputed += 1
+        else:
+            codes, scales = block_quantize(w, nb, block_size, scale_search)
         packed = pack_codes(codes, nb, block_size)
         qname, sname = f"{init.name}_Q{nb}", f"{init.name}_scales"
         model.graph.initializer.extend(
@@ -210,6 +220,13 @@ def weight_only_quantize(
         raise ExportError(
             "weight-only quantization found no float MatMul with a constant weight to quantize."
         )
+    missed = sum(per_bits.values()) - (1 if head is not None else 0) - precomputed
+    if codes_for and missed:
+        log.warning(
+            "export: %d MatMul weights matched no GPTQ codes (their float values differ from the checkpoint's) "
+            "and were rounded to nearest",
+            missed,
+        )
     emb_bits = head_bits or bits
     if head_info.get("tied_embedding"):
         embedding = {"name": head_info["name"], "bits": head_info["bits"], "shared_with_lm_head": True}
@@ -222,11 +239,36 @@ def weight_only_quantize(
         "block_size": block_size,
         "accuracy_level": accuracy_level,
         "scale_search": scale_search,
+        "matmuls_with_calibrated_codes": precomputed,
         "matmuls_by_bits": {str(b): c for b, c in sorted(per_bits.items())},
         "quantized_weight_bytes": int(weight_bytes),
         "lm_head": head_info,
         "embedding": embedding,
     }
+
+
+def _precomputed(
+    w: np.ndarray, codes_for: dict[str, tuple[np.ndarray, np.ndarray]], block_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Codes and scales for ``w`` (K, N) from ``codes_for``: its own entry, or, for a weight the exporter packed
+    from several linears along N (a fused q/k/v or gate/up projection), the entries of its consecutive column
+    slices concatenated. None when some columns have no entry or the blocks do not fit."""
+    from converter.export.gptq import weight_key
+
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    widths = sorted({c.shape[0] for c, s in codes_for.values() if s.shape[1] == blocks}, reverse=True)
+    parts, off = [], 0
+    while off < n:
+        for width in widths:
+            hit = codes_for.get(weight_key(w[:, off : off + width])) if off + width <= n else None
+            if hit is not None and hit[1].shape == (width, blocks):
+                parts.append(hit)
+                off += width
+                break
+        else:
+            return None
+    return np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
 
 
 def _quantize_embeddings(model: Any, bits: int, block_size: int) -> dict[str, Any]:

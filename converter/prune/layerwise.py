@@ -444,6 +444,8 @@ def _prune_ffn(
     pooled = sum(stats.act[g] for g in groups) / max(sum(stats.tokens.values()), 1)
     if cfg.expert_selection == "activation":
         keep = structured.keep_from_experts(pooled, labels, n_remove)
+    elif cfg.expert_selection == "reconstruction":
+        keep = structured.obs_remove(down.weight.data.detach().cpu(), gram, labels, n_remove)
     elif cfg.expert_selection == "random":
         g = torch.Generator().manual_seed(1000 + index)
         keep = structured.keep_from_experts(torch.rand(cfg.experts, generator=g), labels, n_remove)

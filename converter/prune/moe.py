@@ -23,6 +23,8 @@ def balanced_kmeans(rows: torch.Tensor, n_experts: int, iters: int = 10, seed: i
     n = rows.shape[0]
     if not 1 <= n_experts <= n:
         raise ValueError(f"n_experts must be in 1..{n}, got {n_experts}")
+    if n_experts == n:  # one neuron per expert: the only balanced assignment, up to naming
+        return torch.arange(n)
     x = torch.nn.functional.normalize(rows.float(), dim=1)
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=g)[:n_experts]].clone()

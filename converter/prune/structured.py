@@ -9,6 +9,17 @@ its weight, the kept columns K get W'_K = argmin ‖A_K W'^T − A W^T‖², i.e
     W'^T = (G_KK + λ I)^-1 G_K: W^T,      G = A^T A,   λ = damp · mean(diag G_KK)
 
 so the output the removed neurons contributed is taken up by the kept ones where they correlate with them.
+
+Choosing what to remove by that same objective (``obs_remove``): with H = G + λI and H⁻¹ its inverse, removing
+the neurons E (one expert, or one neuron) and refitting the rest optimally adds
+
+    ΔE = tr(W_:E ([H⁻¹]_EE)⁻¹ W_:Eᵀ)
+
+to the error (the Optimal Brain Surgeon cost, Hassibi & Stork 1993, taken over a group of columns as in
+structured OBS pruning of LLMs, e.g. Kurtic et al. 2023 ZipLM, arXiv:2302.04089). Experts are removed one at a
+time, cheapest first, and after each removal W and H⁻¹ are updated exactly as the least squares would
+(W ← W − W_:E [H⁻¹]_EE⁻¹ [H⁻¹]_E:, H⁻¹ ← H⁻¹ − [H⁻¹]_:E [H⁻¹]_EE⁻¹ [H⁻¹]_E:), so the next cost accounts for what
+the neurons already removed took with them.
 """
 
 from __future__ import annotations
@@ -61,6 +72,64 @@ def refit_down(w_down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, dam
     rhs = g[keep] @ w_down.double().T  # (|K|, H)
     sol = torch.linalg.solve(gkk + lam * torch.eye(len(keep), dtype=torch.float64), rhs)
     return sol.T.to(w_down.dtype).contiguous()
+
+
+def obs_remove(
+    w_down: torch.Tensor,
+    gram: torch.Tensor,
+    labels: torch.Tensor,
+    n_remove: int,
+    damp: float = 0.01,
+    max_rounds: int = 64,
+) -> torch.Tensor:
+    """Neuron indices (sorted) kept after removing ``n_remove`` experts greedily by their OBS cost (module doc).
+
+    ``w_down`` (H, I), ``gram`` (I, I) = Σ a aᵀ, ``labels`` (I,) expert of each neuron, every expert the same
+    size (one neuron each when ``labels`` is ``arange(I)``). Ties break towards the lower expert index. At most
+    ``max_rounds`` greedy rounds: up to that many removals every expert goes on its own; beyond it each round
+    removes the ⌈n_remove / max_rounds⌉ cheapest together (their joint cost and update are exact), which keeps
+    single-neuron selection on a 2048-wide FFN to seconds.
+    """
+    n_experts = int(labels.max()) + 1 if labels.numel() else 0
+    if not 0 <= n_remove < n_experts:
+        raise ValueError(f"n_remove must be in 0..{n_experts - 1}, got {n_remove}")
+    counts = torch.bincount(labels, minlength=n_experts)
+    if int(counts.min()) != int(counts.max()):
+        raise ValueError("obs_remove needs experts of equal size")
+    size = int(counts[0])
+    # neurons ordered expert by expert, so expert e is the contiguous slice [e*size, (e+1)*size)
+    perm = torch.argsort(labels, stable=True)
+    g = gram.double()[perm][:, perm]
+    lam = damp * float(g.diagonal().mean().clamp_min(1e-12))
+    h = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))  # (I, I)
+    w = w_down.double()[:, perm].contiguous()  # (H, I)
+    alive = torch.ones(n_experts, dtype=torch.bool)
+    per_round = max(1, -(-n_remove // max_rounds))
+    eye = torch.eye(size, dtype=torch.float64)
+    left = n_remove
+    while left:
+        # [H⁻¹]_EE of every expert: the diagonal blocks, (E, s, s)
+        blocks = hinv.reshape(n_experts, size, n_experts, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        blocks = torch.where(alive[:, None, None], blocks, eye)  # removed experts' rows of H⁻¹ are zero
+        w_e = w.reshape(-1, n_experts, size).permute(1, 2, 0)  # (E, s, H)
+        if size == 1:
+            cost = w_e.square().sum((1, 2)) / blocks[:, 0, 0]
+        else:
+            cost = (w_e * torch.cholesky_solve(w_e, torch.linalg.cholesky(blocks))).sum((1, 2))
+        cost[~alive] = float("inf")
+        take = min(per_round, left)
+        chosen = sorted(sorted(range(n_experts), key=lambda e: (float(cost[e]), e))[:take])
+        cols = torch.cat([torch.arange(e * size, (e + 1) * size) for e in chosen])
+        rows = hinv[cols, :]  # (c, I)
+        solved = torch.linalg.solve(rows[:, cols], rows)  # [H⁻¹]_RR⁻¹ [H⁻¹]_R:
+        w -= w[:, cols] @ solved
+        hinv -= rows.T @ solved
+        w[:, cols] = 0.0
+        alive[chosen] = False
+        left -= take
+    kept = alive.repeat_interleave(size)
+    return perm[kept].sort().values
 
 
 def reconstruction_error(w_down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, w_new: torch.Tensor) -> float:

@@ -1,0 +1,94 @@
+"""export.gptq: GPTQ codes on hand-made Hessians, the layer walk on tiny models of three families, and the
+artifact computing exactly the codes the walk chose (fp32 activations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from test_export import VOCAB, _ids, _save_checkpoint
+from test_prune_layerwise import loaded_of
+from test_prune_structured import _calib
+
+from converter.export import export_onnx
+from converter.export.gptq import gptq_codes, gptq_quantize, output_error, weight_key
+from converter.export.quantize import block_quantize, dequantize
+from converter.recipe import ExportConfig
+from converter.runtime import open_artifact
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scale_search", ["absmax", "mse"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_uncorrelated_inputs_give_round_to_nearest(bits, scale_search, act_order):
+    # H diagonal: no input column can stand in for another, so no error is spread and GPTQ is round to nearest
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, generator=g)
+    h = torch.diag(torch.rand(40, generator=g) + 0.5)
+    codes, scales = gptq_quantize(w, h, bits, 16, scale_search, damp=0.0, act_order=act_order)
+    rtn_codes, rtn_scales = block_quantize(w.numpy().T, bits, 16, scale_search)
+    assert codes.shape == (6, 48) and scales.shape == (6, 3)  # 40 columns padded to 3 blocks of 16
+    assert np.array_equal(codes, rtn_codes) and np.array_equal(scales, rtn_scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_correlated_inputs_lower_the_output_error(bits):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(500, 16, generator=g)
+    x = torch.cat([base, base @ torch.randn(16, 16, generator=g) * 0.5 + 0.1 * torch.randn(500, 16, generator=g)], 1)
+    w = torch.randn(8, 32, generator=g)
+    h = (x.T @ x).double()
+    codes, scales = gptq_quantize(w, h, bits, 16)
+    rtn_codes, rtn_scales = block_quantize(w.numpy().T, bits, 16)
+    assert np.abs(codes).max() <= 2 ** (bits - 1)
+    assert np.array_equal(scales[:, 0], rtn_scales[:, 0])  # the first block sees unchanged weights
+    err, rtn = output_error(w, h, codes, scales, 16), output_error(w, h, rtn_codes, rtn_scales, 16)
+    deq = torch.from_numpy(dequantize(codes, scales, 32, 16).T).double()
+    direct = float((((w.double() - deq) @ x.double().T) ** 2).sum())
+    assert err == pytest.approx(direct, rel=1e-6)
+    assert err < 0.7 * rtn
+    # act-order: the columns with the most input energy first, scales fixed before any update
+    ao_codes, ao_scales = gptq_quantize(w, h, bits, 16, act_order=True)
+    assert np.array_equal(ao_scales, rtn_scales)
+    assert output_error(w, h, ao_codes, ao_scales, 16) < 0.7 * rtn
+
+
+def test_weight_key_names_the_onnx_layout():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert weight_key(w) == weight_key(w.copy()) != weight_key(w.T) != weight_key(w.reshape(3, 2))
+
+
+@pytest.mark.parametrize("mt", ["gemma3_text", "llama", "qwen2"])
+def test_artifact_computes_the_gptq_codes(mt, tmp_path):
+    model = tiny_model(mt, VOCAB, tie=mt != "llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ExportConfig(format="genai", quantize="int4", accuracy_level=0, block_size=32, gptq=True)
+    res = gptq_codes(loaded_of(model), _calib(n=8, seq_len=32), cfg, "cpu", tmp_path)
+    n_layers = len(model.model.layers)
+    assert res.linears == 7 * n_layers and set(res.error_ratio) == {str(i) for i in range(n_layers)}
+    assert all(r < 1.0 for r in res.error_ratio.values())  # GPTQ beats rounding on its own calibration inputs
+    for k, v in model.state_dict().items():  # the checkpoint stays float
+        assert torch.equal(v, before[k]), k
+    ckpt = _save_checkpoint(model, tmp_path / "hf")
+    out = export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work", gptq=res)
+    # every MatMul but the lm_head reads GPTQ codes, also those the builder packs from several linears (q/k/v)
+    q = out.quantization
+    assert q["matmuls_with_calibrated_codes"] == sum(q["matmuls_by_bits"].values()) - 1 >= 5 * n_layers
+    # the PyTorch model with every layer linear replaced by its GPTQ dequantization and the lm_head rounded
+    codes = res.load()
+    ref = tiny_model(mt, VOCAB, tie=mt != "llama")
+    ref.load_state_dict(before)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for lin in [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]:
+                w = lin.weight.detach().numpy()
+                lin.weight.copy_(torch.from_numpy(dequantize(*codes[weight_key(w.T)], w.shape[1], 32).T))
+        rounded = [ref.lm_head] + ([ref.model.embed_tokens] if mt == "llama" else [])  # untied: its own blocks
+        for mod in rounded:
+            w = mod.weight.detach().numpy()
+            mod.weight.copy_(torch.from_numpy(dequantize(*block_quantize(w.T, 4, 32), w.shape[1], 32).T))
+        ids = _ids(3)
+        want = ref(ids).logits[0]
+    got = torch.from_numpy(open_artifact(out.onnx_dir).logits(ids[0].tolist()))
+    assert (got - want).abs().max().item() < 1e-4
