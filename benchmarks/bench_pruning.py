@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict] = {
     "random25": {"method": "experts", "sparsity": 0.25, "expert_selection": "random", "refit": True},
     "wandasp25": {"method": "experts", "sparsity": 0.25, "expert_selection": "wanda-sp", "refit": True},
     "experts125": {"method": "experts", "sparsity": 0.125, "expert_selection": "activation", "refit": True},
+    "random125": {"method": "experts", "sparsity": 0.125, "expert_selection": "random", "refit": True},
     "recon125": {"method": "experts", "sparsity": 0.125, "expert_selection": "reconstruction", "refit": True},
     "recon25": {"method": "experts", "sparsity": 0.25, "expert_selection": "reconstruction", "refit": True},
     "neurons25": {
