@@ -195,7 +195,7 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
 
         last: dict[str, Any] = {"x": None, "xtx": None}  # q/k/v (gate/up) read one tensor: one product for all
 
-        def add(acc: torch.Tensor):
+        def add(acc: torch.Tensor, last: dict[str, Any] = last):
             def hook(_m, args):
                 if args[0] is not last["x"]:
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
