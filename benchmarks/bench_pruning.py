@@ -9,6 +9,7 @@ the numbers are pruning's own cost.
     python benchmarks/bench_pruning.py                        # Gemma 3 270M, recipes/korean.yaml's languages
     python benchmarks/bench_pruning.py --configs original,experts25 --heldout 24
     python benchmarks/bench_pruning.py --write                # append the table to RESULTS.md
+    python benchmarks/bench_pruning.py --configs wanda50,wanda50-mt,wanda50-mt-contrast --check   # parse only
 """
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ CONFIGS: dict[str, dict] = {
     },
     "experts50": {"method": "experts", "sparsity": 0.5, "expert_selection": "activation", "refit": True},
     "random50": {"method": "experts", "sparsity": 0.5, "expert_selection": "random", "refit": True},
+    # translation-prompt calibration (Kim et al. 2024): against wanda50 with the same 64 windows, half of them
+    # 3-shot NTREX en-ko / ko-en prompts (RECIPE_SETS), with plain Wanda norms and with the contrast statistic
+    "wanda50-mt": {"method": "wanda", "sparsity": 0.5},
+    "wanda50-mt-contrast": {"method": "wanda", "sparsity": 0.5},
+}
+
+_NTREX = REPO.parent / "shared" / "data" / "corpora" / "ntrex128"
+
+
+def _translation(contrast: bool) -> str:
+    """calibration.translation as a --set value (YAML flow mapping): NTREX en/ko, en-ko and ko-en, 3 shots."""
+    files = {"en": str(_NTREX / "newstest2019-ref.eng-US.txt"), "ko": str(_NTREX / "newstest2019-ref.kor.txt")}
+    section = {"files": files, "directions": ["en-ko", "ko-en"], "shots": 3, "share": 0.5, "contrast": contrast}
+    return "calibration.translation=" + json.dumps(section)  # JSON is YAML
+
+
+# name -> recipe overrides (KEY=VALUE, as --set) for configurations that change more than the prune section;
+# prune.method is set in the recipe too, because calibration.translation.contrast is validated against it
+RECIPE_SETS: dict[str, list[str]] = {
+    "wanda50-mt": ["prune.method=wanda", _translation(contrast=False)],
+    "wanda50-mt-contrast": ["prune.method=wanda", _translation(contrast=True)],
 }
 
 
@@ -69,7 +91,7 @@ def child(job_path: Path) -> None:
     from converter.validate import score_texts, torch_logits_fn
 
     torch.set_num_threads(os.cpu_count() or 1)
-    recipe = load_recipe(job["recipe"], job["overrides"])
+    recipe = load_recipe(job["recipe"], job["overrides"] + job.get("sets", []))
     loaded = load_model(recipe.model, recipe.base_dir)
     calib = calibrate(
         loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources
@@ -96,6 +118,29 @@ def child(job_path: Path) -> None:
     job_path.with_suffix(".out.json").write_text(json.dumps(out))
 
 
+def check(args: argparse.Namespace) -> None:
+    """Validate each configuration as its child would build it (recipe, prune section, parallel files)."""
+    sys.path.insert(0, str(REPO))
+    from converter.calibrate import read_parallel
+    from converter.recipe import PruneConfig, load_recipe
+
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown configuration '{name}'; choose from {', '.join(CONFIGS)}")
+        recipe = load_recipe(args.recipe, args.overrides + RECIPE_SETS.get(name, []))
+        cfg = PruneConfig(**{**recipe.prune.model_dump(), **CONFIGS[name]})
+        tr = recipe.calibration.translation
+        note = ""
+        if tr is not None:
+            par = read_parallel(tr, recipe.calibration.heldout_fraction, recipe.resolve_sources)
+            note = (
+                f", {tr.num_windows(recipe.calibration.num_samples)} of {recipe.calibration.num_samples} windows "
+                f"{tr.shots}-shot {'/'.join(f'{s}-{t}' for s, t in tr.pairs)} from {len(par.calib)} pairs"
+                f"{', contrast' if tr.contrast else ''}"
+            )
+        print(f"{name}: ok ({cfg.method} {cfg.sparsity:g}{note})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "korean.yaml"))
@@ -103,17 +148,26 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=48, help="held-out documents per language")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--check", action="store_true", help="parse every configuration's recipe and data; run nothing")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child)
+    if args.check:
+        return check(args)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
             job = Path(tmp) / f"{name}.json"
             job.write_text(
                 json.dumps(
-                    {"recipe": args.recipe, "overrides": args.overrides, "prune": CONFIGS[name], "heldout": args.heldout}
+                    {
+                        "recipe": args.recipe,
+                        "overrides": args.overrides,
+                        "sets": RECIPE_SETS.get(name, []),
+                        "prune": CONFIGS[name],
+                        "heldout": args.heldout,
+                    }
                 )
             )
             t0 = time.perf_counter()

@@ -120,9 +120,10 @@ def run(recipe: Path, overrides: tuple[str, ...], verbose: int, quiet: bool, deb
         _fail(exc, debug)
 
 
-def preflight(rec) -> None:
-    """Every check that needs no weights: sources exist and are readable, the model family is supported,
-    the output directory may be written."""
+def preflight(rec) -> str | None:
+    """Every check that needs no weights: sources exist and are readable, the model family is supported and can
+    take the recipe's prune method and export format, the output directory may be written. Returns the model_type
+    (None where it is known only once loaded: a Hub id, a GGUF file)."""
     from converter.arch import spec_for
     from converter.calibrate import read_documents
     from converter.errors import DataError
@@ -138,10 +139,14 @@ def preflight(rec) -> None:
                 "give files with at least one non-empty line."
             )
         rec.resolve_sources(lang.heldout, f"{where}.heldout")
+    if rec.calibration.translation is not None:
+        from converter.calibrate import read_parallel
+
+        read_parallel(rec.calibration.translation, rec.calibration.heldout_fraction, rec.resolve_sources)
     resolve_source(rec.model.source, rec.base_dir)
     model_type = read_model_type(rec.model, rec.base_dir)
     if model_type is not None:
-        spec_for(model_type)
+        _check_family(rec, spec_for(model_type))
     if rec.export.enabled and rec.export.format == "genai":
         from converter.export.genai import check_config, resolve_context_length
         from converter.load import read_model_config
@@ -155,7 +160,26 @@ def preflight(rec) -> None:
             from converter.errors import ModelError
 
             raise ModelError(f"model.tokenizer '{tok}' has no tokenizer.json; point it at a tokenizer directory.")
+    if rec.validate_cfg.lm_eval is not None:
+        from converter.lm_eval_hook import preflight_lm_eval
+
+        preflight_lm_eval(rec)  # lm-eval installed, task paths and document-aligned sources exist
     prepare_output(rec)
+    return model_type
+
+
+def _check_family(rec, spec) -> None:
+    """One sentence naming what works when the model's family cannot take the recipe's export format or its
+    structured FFN pruning."""
+    from converter.arch import unstructured_methods
+    from converter.errors import ModelError
+
+    problem = spec.format_problem(rec.export.format) if rec.export.enabled else None
+    if problem:
+        raise ModelError(problem)
+    why = spec.ffn_fixed_problem() if rec.prune.method == "experts" else None
+    if why:
+        raise ModelError(f"prune.method 'experts' cannot shrink this model: {why}; use {unstructured_methods()}.")
 
 
 @main.command()
@@ -169,12 +193,20 @@ def check(recipe: Path, overrides: tuple[str, ...], debug: bool) -> None:
         from converter.recipe import load_recipe
 
         rec = load_recipe(recipe, list(overrides))
-        preflight(rec)
+        model_type = preflight(rec)
     except BaseException as exc:  # noqa: BLE001
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, debug)
-    click.echo(f"{recipe}: ok ({rec.name}: {', '.join(lang.code for lang in rec.languages)}; output {rec.out_dir})")
+    family = f"{model_type} model" if model_type else "model family checked when loaded"
+    export = f"export.format {rec.export.format}" if rec.export.enabled else "no export"
+    click.echo(
+        f"{recipe}: ok ({rec.name}: {', '.join(lang.code for lang in rec.languages)}; {family}, {export}; "
+        f"output {rec.out_dir})"
+    )
+    from converter.arch import support_table
+
+    click.echo("supported model types (export formats): " + "; ".join(f"{t} ({f})" for t, f in support_table()))
 
 
 @main.command()
@@ -398,6 +430,140 @@ def _print_summary(out_dir: Path) -> None:
             lines.append(f"{mark} {c['name']}: {val_s}{gate}  {c.get('detail', '')}")
     click.echo("\n".join(lines))
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# langconvert analyze
+
+
+@main.group()
+def analyze() -> None:
+    """How the model groups languages: geometry from pruning masks, FFN expert maps, translation features."""
+
+
+def _analysis_options(fn):
+    options = [
+        click.option("--model", "model", required=True, help="Hub id, checkpoint directory or .gguf file."),
+        click.option("--tokenizer", default=None, help="Directory with the tokenizer.json to use instead."),
+        click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory to write."),
+        click.option("--samples", default=32, show_default=True, type=click.IntRange(1), help="Windows per language."),
+        click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per window."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the window sampling."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1)),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run the per-language tasks on a Ray cluster ('auto', ray://host:10001, or 'local')."),
+        click.option("--workers", default=None, type=click.IntRange(1),
+                     help="Local processes (default: one per core, as memory allows)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out directory."),
+        click.option("-v", "--verbose", count=True, help="More log output (-vv for debug)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+_corpus_option = click.option(
+    "--corpus", "corpora", multiple=True, required=True, metavar="CODE=FILE",
+    help="A language and its text (one document per line, or .jsonl); repeat per language.",
+)
+
+
+def _analysis(kind: str, common: dict, inputs, work) -> None:
+    """Run one analysis: ``inputs()`` checks the command's own arguments before any weight is loaded, then
+    ``work(source, opts, out, inputs())`` runs with the prepared model and the shared options. Failures exit
+    like every command: one sentence and a code."""
+    _setup_logging(common.pop("verbose"), False)
+    debug = common.pop("debug")
+    try:
+        from converter.analyze import RunOptions, prepare_model
+
+        model, tokenizer, out = common.pop("model"), common.pop("tokenizer"), common.pop("out")
+        opts = RunOptions(**common)
+        checked = inputs()
+        source = prepare_model(model, tokenizer)
+        work(source, opts, out, checked)
+        click.echo(f"analyze {kind} written to {out}")
+    except BaseException as exc:  # noqa: BLE001 — every failure becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, debug)
+
+
+def _pairs(items, option: str, at_least: int = 1):
+    from converter.analyze import parse_pairs
+    from converter.errors import DataError
+
+    pairs = parse_pairs(items, option)
+    if len(pairs) < at_least:
+        raise DataError(f"this analysis needs at least {at_least} {option} CODE=FILE languages, got {len(pairs)}.")
+    return pairs
+
+
+def _print_matrix(title: str, codes: list[str], rows: list[list[float]]) -> None:
+    click.echo(title)
+    click.echo("       " + " ".join(f"{c:>6}" for c in codes))
+    for c, row in zip(codes, rows):
+        click.echo(f"{c:>6} " + " ".join(f"{v:6.4f}" for v in row))
+
+
+@analyze.command()
+@_corpus_option
+@click.option("--sparsity", default=0.5, show_default=True, type=click.FloatRange(0.01, 0.99),
+              help="Share of each row's weights the Wanda keep-masks prune.")
+@_analysis_options
+def geometry(corpora, sparsity, **common) -> None:
+    """Language geometry: per-language Wanda keep-masks, their Hamming distances, MDS and a tree."""
+
+    def work(source, opts, out, pairs):
+        from converter.analyze.geometry import analyze_geometry
+
+        data = analyze_geometry(source, pairs, out, sparsity, opts)
+        _print_matrix("normalized Hamming distance of keep-masks", data["languages"], data["hamming"])
+
+    _analysis("geometry", common, lambda: _pairs(corpora, "--corpus"), work)
+
+
+@analyze.command()
+@_corpus_option
+@click.option("--experts", default=64, show_default=True, type=click.IntRange(2),
+              help="Experts per FFN (as prune.experts); must divide the FFN width.")
+@_analysis_options
+def experts(corpora, experts, **common) -> None:
+    """Per-language, per-layer activation frequency of the FFN experts structured pruning works with."""
+
+    def work(source, opts, out, pairs):
+        from converter.analyze.experts import analyze_experts
+
+        data = analyze_experts(source, pairs, out, experts, opts)
+        click.echo(f"experts in every language's top {data['top']} per layer: {data['shared_per_layer']}")
+
+    _analysis("experts", common, lambda: _pairs(corpora, "--corpus"), work)
+
+
+@analyze.command()
+@click.option("--parallel", "parallel", multiple=True, required=True, metavar="CODE=FILE",
+              help="A language's line-aligned parallel file (line i is the same sentence in every file); repeat.")
+@click.option("--direction", "directions", multiple=True, metavar="SRC-TGT",
+              help="Translation direction, e.g. en-ko; repeat (default: the first --parallel language to and from "
+              "each other).")
+@click.option("--shots", default=3, show_default=True, type=click.IntRange(0, 64), help="Demonstrations per prompt.")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(1), help="Large dimensions compared per layer.")
+@_analysis_options
+def features(parallel, directions, shots, top, **common) -> None:
+    """Large-magnitude hidden dimensions: k-shot translation prompts against monolingual text, per layer."""
+
+    def work(source, opts, out, pairs):
+        from converter.analyze.features import analyze_features
+
+        codes = list(pairs)
+        dirs = list(directions) or [d for c in codes[1:] for d in (f"{codes[0]}-{c}", f"{c}-{codes[0]}")]
+        data = analyze_features(source, pairs, dirs, out, shots, top, opts)
+        click.echo(f"share of the top-{top} hidden dimensions that translation prompts and monolingual text share")
+        click.echo("layer " + " ".join(f"{d:>8}" for d in data["directions"]))
+        for i in range(data["layers"]):
+            click.echo(f"{i:>5} " + " ".join(f"{data['overlap'][d][i]:8.2f}" for d in data["directions"]))
+
+    _analysis("features", common, lambda: _pairs(parallel, "--parallel", at_least=2), work)
 
 if __name__ == "__main__":
     main()

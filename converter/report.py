@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from converter.manifest import Manifest, _jsonable
+from converter.report_plots import write_plots
 
 
 def _num(x: Any, fmt: str = "{:,.3f}") -> str:
@@ -28,6 +29,12 @@ def _mb(n: Any) -> str:
 
 def _mark(passed: bool | None) -> str:
     return {True: "✓", False: "✗", None: "·"}[passed]
+
+
+def _image(rep: dict[str, Any], name: str, alt: str) -> str:
+    """A relative markdown image link to a plot written beside report.md, or nothing when it was not drawn."""
+    rel = (rep.get("plots") or {}).get(name)
+    return f"\n![{alt}]({rel})\n" if rel else ""
 
 
 def build_report(data: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +63,49 @@ def build_report(data: dict[str, Any]) -> dict[str, Any]:
         "tokenizer": val.get("tokenizer"),
         "onnx": val.get("onnx"),
         "speed": val.get("speed"),
+        "lm_eval": val.get("lm_eval"),
         "prune": stages.get("prune", {}).get("metrics"),
         "vocab": {k: v for k, v in stages.get("trim_vocab", {}).get("metrics", {}).items() if k != "token_map"},
         "export": stages.get("export", {}).get("metrics"),
+        "plots": {},  # name -> PNG path relative to the release directory, filled by write_report
     }
+
+
+def _lm_eval_section(lm: dict[str, Any] | None) -> str:
+    """validate.lm_eval: per task, the compared metric of the original and the converted PyTorch model."""
+    if not lm or not lm.get("tasks"):
+        return ""
+    out = ["\n## Downstream tasks (lm-evaluation-harness, PyTorch)\n\n"]
+    shots = lm.get("num_fewshot", 0)
+    limit = lm.get("limit")
+    scope = f"at most {limit} items per task" if limit else "every item of each task"
+    out.append(f"{shots}-shot, {scope} (± is one standard error).\n\n")
+    out.append("| task | metric | items | original | converted | change |\n|---|---|---:|---:|---:|---:|\n")
+
+    def score(t: dict[str, Any], key: str, err: str) -> str:
+        e = t.get(err)
+        return _num(t.get(key)) + (f" ± {e:.3f}" if isinstance(e, float) and not math.isnan(e) else "")
+
+    for name, t in lm["tasks"].items():
+        delta = _num(100 * t["delta"], "{:+.1f} pts") if t.get("delta") is not None else "—"
+        lang = f" ({t['language']}{', control' if t.get('control') else ''})" if t.get("language") else ""
+        out.append(
+            f"| {name}{lang} | {t.get('metric') or '—'} | {_num(t.get('items'))} | "
+            f"{score(t, 'original', 'stderr_original')} | {score(t, 'converted', 'stderr_converted')} | {delta} |\n"
+        )
+    local = lm.get("local_tasks") or {}
+    if local:
+        out.append(
+            "\nBuilt-in next-sentence tasks: a held-out sentence and 4 candidates for the sentence after it, the 3 "
+            "wrong ones from other documents; only held-out lines are used ("
+            + "; ".join(
+                f"{v['language']}: {v['items']} items from {v['heldout_lines']} held-out lines of {v['documents']} "
+                "documents"
+                for v in local.values()
+            )
+            + "). Chance is 25%.\n"
+        )
+    return "".join(out)
 
 
 def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
@@ -130,6 +176,9 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
                 f"{_num(q.get('artifact', {}).get('bpb'))} | {_num(100 * q['bpb_increase'], '{:+.1f}%')} | "
                 f"{_num(q['original']['ppl'], '{:.2f}')} | {_num(art['ppl'], '{:.2f}')} |\n"
             )
+        out.append(_image(rep, "quality", "Bits per byte per language, original and converted"))
+
+    out.append(_lm_eval_section(rep.get("lm_eval")))
 
     tok = rep.get("tokenizer")
     if tok:
@@ -146,6 +195,7 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
                 f"{_num(t['before']['tokens_per_char'])} | {_num(t['after']['tokens_per_char'])} | "
                 f"{_num(100 * t['after'].get('byte_fallback_share', float('nan')), '{:.1f}%')} |\n"
             )
+        out.append(_image(rep, "tokens_per_char", "Tokens per character per language, original and trimmed tokenizer"))
 
     onnx = rep.get("onnx")
     if onnx:
@@ -195,12 +245,14 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
         )
         for layer, st in ffn["layers"].items():
             out.append(f"| {layer} | {st['kept']} | {st['error_removed']:.4f} | {st['error_refit']:.4f} |\n")
+        out.append(_image(rep, "ffn_width", "FFN width kept per layer"))
     elif prune and prune.get("per_layer"):
         out.append("\n## Pruning: measured sparsity per layer\n\n| layer | sparsity |\n|---:|---:|\n")
         for layer, linears in prune["per_layer"].items():
             vals = list(linears.values()) if isinstance(linears, dict) else [linears]
             mean = sum(vals) / len(vals) if vals else 0.0
             out.append(f"| {layer} | {100 * mean:.1f}% |\n")
+        out.append(_image(rep, "sparsity", "Measured sparsity per layer"))
 
     out.append("\n## Files\n\n| file | bytes | sha256 |\n|---|---:|---|\n")
     for path, f in data.get("files", {}).items():
@@ -210,8 +262,9 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
 
 
 def write_report(m: Manifest) -> None:
-    m.data["files"] = m._checksums()  # so the report can list the model files
     rep = build_report(m.data)
+    rep["plots"] = write_plots(rep, m.work)
+    m.data["files"] = m._checksums()  # so the report can list the model files (and the plots)
     (m.work / "report.json").write_text(
         json.dumps(_jsonable(rep), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )

@@ -8,7 +8,9 @@ Checks
 - ONNX parity: float export vs the converted PyTorch model (max |Δlogit|, top-1 agreement, greedy tokens with
   KV cache), and top-1 agreement of the shipped (possibly int8) artifact;
 - size: parameters (total and non-zero) and bytes on disk, before and after;
-- speed: decode tokens/s and time to first token, original in PyTorch vs the artifact in onnxruntime.
+- speed: decode tokens/s and time to first token, original in PyTorch vs the artifact in onnxruntime;
+- downstream tasks (``validate.lm_eval``): lm-evaluation-harness scores of the converted PyTorch model against
+  the original's (``lm_eval_hook``), one check per task.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from converter.calibrate import CalibrationResult
+from converter.lm_eval_hook import LmEvalSuite
 from converter.load import LoadedModel
 from converter.recipe import ValidateConfig
 from converter.reference import ReferenceResult, speed_prompts
@@ -349,13 +352,15 @@ def validate(
     parity_gated: set[str] | None = None,
     runtime: str | None = None,
     script_check: dict[str, Any] | None = None,
+    lm_eval: LmEvalSuite | None = None,
 ) -> ValidateResult:
     """Check ``converted`` (the saved checkpoint, loaded back) and its ONNX artifact against ``reference`` (the
     original's numbers, measured before any stage changed it) and ``original_tokenizer``.
 
     ``parity_gated``: target languages whose tokenization the trim guarantees (default: every target).
     ``runtime``: the artifact's runtime ('onnxruntime-genai' or 'onnxruntime'; default: from its files).
-    ``script_check``: the trim's exhaustive script check (``vocab.probe.script_check``), gated at no difference."""
+    ``script_check``: the trim's exhaustive script check (``vocab.probe.script_check``), gated at no difference.
+    ``lm_eval``: the ``lm_eval_hook.LmEvalSuite`` the reference stage scored the original on."""
     res = ValidateResult()
     m = res.metrics
     targets = [d for d in calib.languages.values() if d.keep_vocab]
@@ -488,6 +493,14 @@ def validate(
             res.checks.append(gate(name, inc, "<=", cfg.max_artifact_bpb_increase, detail))
         else:
             res.checks.append(Check(name, inc, detail=detail + " (not gated)"))
+
+    # --- downstream tasks, while the converted PyTorch weights are still loaded (ONNX parity releases them)
+    if lm_eval is not None:
+        from converter.lm_eval_hook import compare, run_suite
+
+        scores = run_suite(converted.model, converted.tokenizer, lm_eval)
+        m["lm_eval"], lm_checks = compare(reference.lm_eval or {}, scores, lm_eval)
+        res.checks.extend(lm_checks)
 
     # --- ONNX parity. Two passes over the same windows, one runtime at a time: pass 1 holds PyTorch and the
     # shipped artifact, pass 2 only the float export. PyTorch's logits go to an unlinked scratch file in pass 1

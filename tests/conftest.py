@@ -69,6 +69,18 @@ def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool
     return model.eval()
 
 
+def tiny_checkpoint(directory: Path, tokenizer: str, model_type: str = "gemma3_text", vocab_size: int = 262_144,
+                    tie: bool = True) -> Path:
+    """``tiny_model`` saved to ``directory`` with a real tokenizer from ../shared/data/tokenizers/<tokenizer>."""
+    import shutil
+
+    require_shared()
+    tiny_model(model_type, vocab_size=vocab_size, tie=tie).save_pretrained(directory)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / tokenizer / f, directory / f)
+    return directory
+
+
 def require_shared() -> None:
     if not SHARED.is_dir():
         pytest.fail(f"test material missing: {SHARED} (CI checks out ../shared beside the project)")

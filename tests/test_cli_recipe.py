@@ -58,6 +58,13 @@ def test_check_ok(tmp_path):
     result = check(tmp_path, base_recipe(tmp_path))
     assert result.exit_code == 0, result.output
     assert "ok" in result.output
+    # every family langconvert carries, with the export formats that carry it
+    from converter.arch import FAMILIES
+
+    for model_type in FAMILIES:
+        assert model_type in result.output
+    assert "gpt2 (optimum)" in result.output and "bloom (optimum)" in result.output
+    assert "llama" in result.output and "genai, optimum" in result.output
 
 
 def test_unknown_key(tmp_path):

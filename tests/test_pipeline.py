@@ -16,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import CORPORA, TOKENIZERS, require_shared, tiny_model
+from test_report import assert_png, linked_images
 
 from converter.cli import main
 from converter.manifest import sha256_file
@@ -99,6 +100,9 @@ def test_run_writes_complete_release(release):
         "onnx/model.onnx",
         "report.md",
         "report.json",
+        "plots/quality.png",
+        "plots/tokens_per_char.png",
+        "plots/sparsity.png",
         "manifest.json",
     ):
         assert (out / rel).is_file(), rel
@@ -172,6 +176,11 @@ def test_gates_and_report(release):
     md = (out / "report.md").read_text()
     for section in ("## Checks", "## Size", "## Quality on held-out text", "## Tokenizer", "## ONNX parity", "## Speed"):
         assert section in md
+    plots = {"quality": "plots/quality.png", "tokens_per_char": "plots/tokens_per_char.png"}
+    assert rep["plots"] == {**plots, "sparsity": "plots/sparsity.png"}  # wanda: per-layer sparsity, no FFN widths
+    assert sorted(linked_images(md)) == sorted(rep["plots"].values())
+    for rel in rep["plots"].values():
+        assert_png(out / rel)
     assert "✓" in result.output and "release written to" in result.output
 
 
@@ -324,6 +333,10 @@ def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
     out = tmp_path / "dist" / ("tiny-ko" if result.exit_code == 0 else "tiny-ko.failed")
     assert result.exit_code in (0, 1), result.output  # a random tiny model may miss a quality gate at 4 bits
     man = json.loads((out / "manifest.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    assert sorted(rep["plots"]) == ["quality", "tokens_per_char"]  # prune.method none: no per-layer plot
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["quality.png", "tokens_per_char.png"]
+    assert sorted(linked_images((out / "report.md").read_text())) == sorted(rep["plots"].values())
     stages = list(man["stages"])
     assert stages.index("prune") < stages.index("gptq") < stages.index("trim_vocab")
     g = man["stages"]["gptq"]["metrics"]

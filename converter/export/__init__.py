@@ -83,7 +83,7 @@ def export_onnx(
     model_dir, onnx_dir, work_dir = Path(model_dir), Path(onnx_dir), Path(work_dir)
     if not cfg.enabled:
         raise ExportError("export_onnx was called with export.enabled: false; skip the export stage instead.")
-    task = _check_model_dir(model_dir)
+    spec = _check_model_dir(model_dir, cfg.format)
     if onnx_dir.resolve() == model_dir.resolve():
         raise ExportError(f"the ONNX directory '{onnx_dir}' is the model directory; export into a separate one.")
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def export_onnx(
             tied = build["tied_embedding"]
             copy_side_files(model_dir, tmp, keep=(genai.GENAI_CONFIG,))
         else:
-            tied = optimum.build(model_dir, tmp, task, cfg.opset)
+            tied = optimum.build(model_dir, tmp, spec.onnx_task, cfg.opset, spec.optimum_config_keys)
             copy_side_files(model_dir, tmp, keep=optimum.OPTIMUM_OWNED)
     float_bytes = onnx_bytes(float_dir)
 
@@ -141,9 +141,11 @@ def export_onnx(
     return result
 
 
-def _check_model_dir(model_dir: Path) -> str:
-    """The ONNX task of the checkpoint's family; ExportError for a directory that is not a saved checkpoint."""
+def _check_model_dir(model_dir: Path, export_format: str):
+    """The checkpoint's FamilySpec; ExportError for a directory that is not a saved checkpoint, ModelError for a
+    family ``export_format`` cannot carry."""
     from converter.arch import spec_for
+    from converter.errors import ModelError
 
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
@@ -162,4 +164,8 @@ def _check_model_dir(model_dir: Path) -> str:
             f"cannot export '{model_dir}': it holds no weights (*.safetensors); re-save the model with "
             "save_pretrained."
         )
-    return spec_for(model_type).onnx_task
+    spec = spec_for(model_type)
+    problem = spec.format_problem(export_format)
+    if problem:
+        raise ModelError(problem)
+    return spec

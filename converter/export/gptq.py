@@ -170,7 +170,7 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
     """Walk the decoder layers with the calibration windows, GPTQ-quantize every linear (module doc)."""
     from converter.errors import DataError
     from converter.export.quantize import block_quantize, dequantize
-    from converter.prune.layerwise import _capture, _LayerCall, _run_layer, _to
+    from converter.prune.layerwise import LayerWalk
 
     t0 = time.perf_counter()
     bits = 8 if cfg.quantize == "int8" else 4
@@ -182,14 +182,10 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             "export.gptq needs calibration windows, but calibration produced none; add calibration text or set "
             "export.gptq: false."
         )
-    states, calls_cpu = _capture(loaded.model, layers, windows.long(), 8)
+    walk = LayerWalk(loaded.model, layers, windows, 8, device)
     arrays: dict[str, np.ndarray] = {}
     result = GptqResult(path=Path(work_dir) / "gptq-codes.npz", bits=bits, block_size=cfg.block_size)
-    for i in tqdm(range(len(layers)), desc="gptq", unit="layer", disable=None):
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        calls = {b: _LayerCall(_to(c[i].args, device), _to(c[i].kwargs, device)) for b, c in calls_cpu.items()}
+    for i, layer in tqdm(walk, total=len(layers), desc="gptq", unit="layer", disable=None):
         linears = arch.prunable_linears(layer)
         hess = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
 
@@ -206,7 +202,7 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
 
         handles = [lin.register_forward_pre_hook(add(hess[name])) for name, lin in linears.items()]
         try:
-            _run_layer(layer, states, calls, device)
+            walk.run()
         finally:
             for hd in handles:
                 hd.remove()
@@ -225,10 +221,9 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             result.linears += 1
         result.error_ratio[str(i)] = err_g / max(err_r, 1e-30)
         if i < len(layers) - 1:  # the next layer sees what the quantized layer computes
-            states = _run_layer(layer, states, calls, device)
+            walk.advance()
         for name, lin in linears.items():
             lin.weight.data.copy_(floats[name])  # the checkpoint ships float
-        layer.to(home)
         log.info(
             "gptq: layer %d/%d, %d linears, output error %.2fx round-to-nearest's",
             i,

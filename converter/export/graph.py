@@ -284,3 +284,46 @@ def fold_transposed_weights(model: Any) -> int:
             model.graph.node.remove(tr)
         folded += 1
     return folded
+
+
+def gemm_to_matmul(model: Any) -> int:
+    """``Gemm(A, B, C)`` with a constant 2-D B, alpha = beta = 1 and no transA -> ``Add(MatMul(A, W), C)`` with the
+    initializer ``W (K, N)`` (``B``, or ``B.T`` under transB), so that weight quantization sees one MatMul layout.
+
+    The TorchScript exporter writes a Gemm for a linear on 2-D input: transformers' Conv1D (GPT-2, ``addmm``) and
+    OPT's FFN (its layer flattens the tokens before fc1/fc2). Returns how many Gemms were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    users_of = consumers(model)
+    done = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: (a.f if a.type == a.FLOAT else a.i) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            continue
+        b = inits[node.input[1]]
+        if len(b.dims) != 2:
+            continue
+        weight = b.name
+        if attrs.get("transB", 0):
+            weight = f"{b.name}.T"
+            if weight not in inits:
+                model.graph.initializer.append(numpy_helper.from_array(array(b).T.copy(), weight))
+                inits[weight] = model.graph.initializer[-1]
+            if all(u is node for u in users_of.get(b.name, [])):
+                model.graph.initializer.remove(b)
+        base = node.name or node.output[0]
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        mm_out = f"{base}/matmul_output" if has_bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{base}_MatMul")]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{base}_Add"))
+        idx = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for i, n in enumerate(new):
+            model.graph.node.insert(idx + i, n)
+        done += 1
+    return done

@@ -1,8 +1,9 @@
 """Weight quantization of an exported decoder: block-wise weight-only int4/int8 (MatMulNBits) or dynamic int8.
 
 Weight-only block quantization (the default for ``export.quantize: int4 | int8``)
-    Every MatMul with a constant 2-D weight ``W (K, N)`` becomes ``MatMulNBits``: W is cut along K into blocks of
-    ``block_size`` values per output column, and each block b gets one scale s_b with codes
+    Every MatMul (and Gemm, rewritten to MatMul + Add first) with a constant 2-D weight ``W (K, N)`` becomes
+    ``MatMulNBits``: W is cut along K into blocks of ``block_size`` values per output column, and each block b
+    gets one scale s_b with codes
     ``q = clamp(round(w / s_b), -2^(bits-1), 2^(bits-1) - 1)``, symmetric (no zero point; stored offset by
     2^(bits-1) as unsigned). Activations stay float; with ``accuracy_level`` 4 onnxruntime's CPU kernel quantizes
     them to int8 per block on the fly and multiplies in int8, which is the fast path on x86 and ARM.
@@ -152,6 +153,7 @@ def weight_only_quantize(
 
     if graph.fold_transposed_weights(model):
         graph.tie_transposed_embedding(model)
+    graph.gemm_to_matmul(model)  # Conv1D (GPT-2) and 2-D linears (OPT's FFN) export as Gemm
     inits = {t.name: t for t in model.graph.initializer}
     users_of = graph.consumers(model)
     head = _head_matmul(model)

@@ -34,14 +34,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from converter.calibrate import CalibrationResult
+from converter.calibrate import TEXT, TRANSLATION, CalibrationResult
 from converter.errors import DataError, ModelError, RecipeError
 from converter.load import LoadedModel
 from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
 from converter.prune.moe import ExpertStats, balanced_kmeans
 from converter.prune.sparsegpt import HessianAccumulator, sparsegpt
-from converter.prune.wanda import ActivationNorms, magnitude_scores, wanda_scores
+from converter.prune.wanda import ActivationNorms, contrast_norms, magnitude_scores, wanda_scores
 from converter.recipe import PruneConfig
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class PruneResult:
             f = self.ffn
             return (
                 f"experts ({f.get('selection')}): FFN width {f.get('width_before')} -> {f.get('width_after')} in "
-                f"{self.num_linears // 3} layers, {f.get('params_removed', 0):,} parameters removed"
+                f"{len(f.get('layers', {}))} layers, {f.get('params_removed', 0):,} parameters removed"
             )
         return (
             f"{self.method} {self.sparsity:.0%} {self.pattern}: measured {self.overall_sparsity:.1%} "
@@ -317,15 +317,48 @@ def prune(
             result.num_linears += len(linears)
         elif pruned:
             norms: dict[str, ActivationNorms] = {}
+            # calibration.translation.contrast (Kim et al. 2024): a second accumulator per linear takes the
+            # translation windows' tokens, ``norms`` the text windows' ones; see wanda.contrast_norms
+            mt_norms: dict[str, ActivationNorms] = {}
+            kinds = calib.kinds if wanda and calib.contrast and cfg.method == "wanda" else []
+            contrast = TEXT in kinds and TRANSLATION in kinds
+            if kinds and not contrast and i == to_prune[0]:
+                log.warning("prune: contrast needs text and translation windows, got only %s; plain Wanda", kinds[0])
             if wanda:
+                is_mt = torch.tensor([k == TRANSLATION for k in kinds], dtype=torch.bool)  # (num_windows,)
+                batch = {"first": 0}  # index of the first window of the batch running now
+
+                def by_kind(x, text, mt, is_mt=is_mt, batch=batch, layer_idx=i) -> None:
+                    """x: (batch, seq, in) inputs of one linear; each window's rows go to its kind's norms."""
+                    rows = is_mt[batch["first"] : batch["first"] + x.shape[0]].to(x.device)  # (batch,)
+                    if rows.shape[0] != x.shape[0]:
+                        raise ModelError(
+                            f"prune: a linear of layer {layer_idx} sees inputs {tuple(x.shape)} without a leading batch "
+                            "dimension, so translation and text windows cannot be told apart; set "
+                            "calibration.translation.contrast: false."
+                        )
+                    if rows.any():
+                        mt.add_batch(x[rows])
+                    if not rows.all():
+                        text.add_batch(x[~rows])
+
                 handles = []
                 for name, lin in linears.items():
                     acc = norms[name] = ActivationNorms(lin.in_features, device=device)
-                    handles.append(
-                        lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add_batch(args[0]))
-                    )
+                    if contrast:
+                        mt = mt_norms[name] = ActivationNorms(lin.in_features, device=device)
+                        hook = lambda _m, args, acc=acc, mt=mt, f=by_kind: f(args[0], acc, mt)  # noqa: E731
+                    else:
+                        hook = lambda _m, args, acc=acc: acc.add_batch(args[0])  # noqa: E731
+                    handles.append(lin.register_forward_pre_hook(hook))
                 try:
-                    _run_layer(layer, states, calls, device)
+                    _run_layer(
+                        layer,
+                        states,
+                        calls,
+                        device,
+                        before_batch=lambda bi, batch=batch: batch.__setitem__("first", bi * cfg.batch_size),
+                    )
                 finally:
                     for h in handles:
                         h.remove()
@@ -333,12 +366,20 @@ def prune(
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
                 acc = norms.get(name)
-                if acc is not None and acc.tokens == 0:
-                    log.warning(
-                        "prune: layer %d %s saw no calibration tokens; using magnitude scores", i, name
-                    )
-                    acc = None
-                score = wanda_scores(w, acc.sq_sum) if acc is not None else magnitude_scores(w)
+                mt = mt_norms.get(name)
+                if mt is not None and acc is not None and mt.tokens and acc.tokens:
+                    # s_j = s_mt·s_mt/s_text in place of ‖X_j‖₂ (wanda_scores takes the square), (in,)
+                    score = wanda_scores(w, contrast_norms(mt.sq_sum, mt.tokens, acc.sq_sum, acc.tokens).square())
+                else:
+                    if mt is not None and acc is not None:  # one kind saw no tokens: Wanda over all of them
+                        acc.sq_sum += mt.sq_sum
+                        acc.tokens += mt.tokens
+                    if acc is not None and acc.tokens == 0:
+                        log.warning(
+                            "prune: layer %d %s saw no calibration tokens; using magnitude scores", i, name
+                        )
+                        acc = None
+                    score = wanda_scores(w, acc.sq_sum) if acc is not None else magnitude_scores(w)
                 w.masked_fill_(~_mask(score, cfg), 0)
                 stats[name] = measured_sparsity(w)
                 result.pruned_linear_params += w.numel()
@@ -411,7 +452,8 @@ def _prune_ffn(
     batch = {"i": 0}
 
     def on_down(_m, args):
-        a = args[0].detach()  # (b, s, I): the down-projection's inputs
+        # (b, s, I): the down-projection's inputs (OPT's layer flattens them to (b·s, I) before its FFN)
+        a = args[0].detach().reshape(states[batch["i"]].shape[0], -1, width)
         flat = a.reshape(-1, width).float()
         gram.add_((flat.T @ flat).double().cpu())
         first = batch["i"] * cfg.batch_size
@@ -496,3 +538,50 @@ def _prune_ffn(
     result.num_linears += 3 if gate is not None else 2
     result.pruned_linear_params += width * up.in_features * (3 if gate is not None else 2)
     result.zeroed_params += removed_params
+
+
+class LayerWalk:
+    """The layer-by-layer walk of ``prune`` as a reusable iterator, for stages that read (or rewrite) one decoder
+    layer at a time on the calibration windows: GPTQ and ``langconvert analyze``.
+
+    Iterating yields ``(index, layer)`` with the layer on ``device``. Inside the loop body, ``run()`` runs the
+    current layer on every batch (hooks the caller registered fire) and returns its outputs without moving the
+    walk on; ``advance()`` runs it and makes the outputs the next layer's inputs. When the body did not call
+    ``advance()``, the walk does after it (except after the last layer, whose outputs nothing reads), with the
+    layer's weights as the body left them. ``states`` (list of (batch, seq, hidden) CPU tensors) are the current
+    layer's inputs.
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: str):
+        self.layers = layers
+        self.device = device
+        self.batch_size = batch_size
+        self.states, self._calls_cpu = _capture(model, layers, windows.long(), batch_size)
+        self._calls: dict[int, _LayerCall] = {}
+        self._advanced = False
+        self.index = -1
+
+    def __iter__(self):
+        for i, layer in enumerate(self.layers):
+            home = next(layer.parameters()).device
+            layer.to(self.device)
+            self.index = i
+            self._calls = {
+                b: _LayerCall(_to(c[i].args, self.device), _to(c[i].kwargs, self.device))
+                for b, c in self._calls_cpu.items()
+            }
+            self._advanced = False
+            yield i, layer
+            if not self._advanced and i < len(self.layers) - 1:
+                self.advance()
+            layer.to(home)
+
+    def run(self, before_batch=None) -> list[torch.Tensor]:
+        """The current layer's outputs on every batch; ``before_batch(i)`` is called before batch i."""
+        return _run_layer(self.layers[self.index], self.states, self._calls, self.device, before_batch)
+
+    def advance(self, before_batch=None) -> list[torch.Tensor]:
+        """Run the current layer and make its outputs the next layer's inputs; returns them."""
+        self.states = self.run(before_batch)
+        self._advanced = True
+        return self.states

@@ -48,7 +48,7 @@ def sparsegpt(
         raise ValueError(f"hessian must be ({cols}, {cols}) for weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
-    w = weight.detach().double().clone()
+    w = weight.detach().double().clone(memory_format=torch.contiguous_format)  # also for a transposed view
     h = hessian.detach().double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
