@@ -90,14 +90,19 @@ class CalibrationResult:
         return out
 
 
-def read_documents(path: Path) -> list[str]:
-    """Documents of one source: .txt/.md -> one per non-empty line; .jsonl -> the 'text' field of each line."""
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; an unreadable or non-UTF-8 file is a DataError naming the fix."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"'{path}' is not UTF-8 text; convert it to UTF-8.") from None
     except OSError as exc:
         raise DataError(f"'{path}' cannot be read ({exc.strerror}); check the path and permissions.") from None
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of one source: .txt/.md -> one per non-empty line; .jsonl -> the 'text' field of each line."""
+    raw = _read_text(path)
     if path.suffix == ".jsonl":
         docs = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -176,12 +181,7 @@ def read_lines(path: Path) -> list[str]:
         raise DataError(
             f"calibration.translation.files: '{path}' is .jsonl; parallel files are plain text, one sentence per line."
         )
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"'{path}' is not UTF-8 text; convert it to UTF-8.") from None
-    except OSError as exc:
-        raise DataError(f"'{path}' cannot be read ({exc.strerror}); check the path and permissions.") from None
+    raw = _read_text(path)
     return [line.strip() for line in raw.splitlines()]
 
 

