@@ -337,7 +337,11 @@ def calibrate(
             code=lang.code,
             scripts=scripts,
             calib_docs=calib_docs,
-            heldout_docs=heldout_docs[: cfg.max_heldout_docs],
+            heldout_docs=heldout_docs[
+                : cfg.max_heldout_docs
+                if lang.keep_vocab or cfg.max_control_heldout_docs is None
+                else min(cfg.max_heldout_docs, cfg.max_control_heldout_docs)
+            ],
             token_counts=counts,
             calibrate=lang.calibrate,
             keep_vocab=lang.keep_vocab,

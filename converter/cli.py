@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("converter")
 
 
+class _OwnLines(logging.Filter):
+    """Without -v, only langconvert's own lines and third-party errors reach the log: a user cannot act on the
+    libraries' advice, deprecation notes and progress chatter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "converter" or record.name.startswith("converter.") or record.levelno >= logging.ERROR
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -38,12 +46,20 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("converter").setLevel(level)
-    for noisy in ("transformers", "optimum", "torch", "onnxruntime", "onnxscript", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    third_party = ("transformers", "optimum", "torch", "onnxruntime", "onnxscript", "urllib3", "lm-eval", "lm_eval")
     if verbose == 0:
-        # Tracing warnings from the exporter's dependencies say nothing a user can act on; -v shows them.
-        warnings.filterwarnings("ignore", module=r"(torch|transformers|optimum|onnxruntime|onnxscript)(\.|$)")
+        handler.addFilter(_OwnLines())
+        for noisy in third_party:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # Python warnings (tracing, deprecations) and progress bars from the dependencies: -v shows them.
+        warnings.filterwarnings("ignore")
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    else:
+        for noisy in third_party:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _DefaultRun(click.Group):
@@ -97,7 +113,13 @@ _set_option = click.option(
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run(recipe: Path, overrides: tuple[str, ...], verbose: int, quiet: bool, debug: bool) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Take over the newest killed or failed run of this release and reuse every stage it finished whose "
+    "inputs are unchanged.",
+)
+def run(recipe: Path, overrides: tuple[str, ...], verbose: int, quiet: bool, debug: bool, resume: bool) -> None:
     """Run RECIPE and write the release directory."""
     _setup_logging(verbose, quiet)
     try:
@@ -108,7 +130,7 @@ def run(recipe: Path, overrides: tuple[str, ...], verbose: int, quiet: bool, deb
         rec = load_recipe(recipe, list(overrides))
         preflight(rec)
         try:
-            out = run_recipe(rec)
+            out = run_recipe(rec, resume=resume)
         except GateFailed:
             _print_summary(rec.out_dir.with_name(rec.out_dir.name + ".failed"))
             raise

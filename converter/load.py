@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     model: Any  # transformers PreTrainedModel, eval mode, on CPU, recipe dtype
     tokenizer: Any  # PreTrainedTokenizerFast backed by a tokenizer.json (the one stages edit)
-    original_tokenizer: Any  # untouched copy, for parity checks
+    original_tokenizer: Any  # the original, for parity checks (the same object as tokenizer until trim_vocab)
     arch: Arch
     source: str  # what the recipe named
     checkpoint_dir: Path | None  # local HF directory the weights came from (the cache for GGUF)
@@ -52,7 +52,15 @@ class LoadedModel:
                 [type(r).__name__ for r in gc.get_referrers(ref())],
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for --resume without its weights (a resumed run that needs them loads them again)."""
+        state = dict(self.__dict__)
+        state.update(model=None, arch=None)
+        return state
+
     def summary(self) -> dict[str, Any]:
+        if self.arch is None:  # a resumed run's load stage: the summary is the manifest's
+            return {}
         return {
             "source": self.source,
             "model_type": self.arch.model_type,
@@ -209,9 +217,23 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
         )
 
 
+def check_gguf_file(src: Path) -> None:
+    """A file given as model.source must be a GGUF file: the .gguf suffix and GGUF's magic bytes."""
+    if src.suffix != ".gguf":
+        raise ModelError(
+            f"model.source '{src}' is a file but not a .gguf; give a checkpoint directory, a .gguf file or a Hub id."
+        )
+    with src.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"model.source '{src}' is not a GGUF file (it lacks the GGUF header); download it again.")
+
+
 def read_model_type(spec: ModelSpec, base_dir: Path | None = None) -> str | None:
     """model_type from config.json without loading weights (None for GGUF or Hub ids not cached locally)."""
     src = resolve_source(spec.source, base_dir)
+    if isinstance(src, Path) and src.is_file():
+        check_gguf_file(src)
     if isinstance(src, Path) and src.is_dir():
         cfg = src / "config.json"
         if not cfg.is_file():
@@ -294,9 +316,10 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
             f"'{cfg_path}' is not valid JSON; re-save the tokenizer or delete that file."
         ) from None
     has_model_config = (directory / "config.json").is_file()
-    portable = portable_tokenizer_config(cfg, has_model_config)
-    if portable == cfg and cfg_path.is_file():
+    if cfg_path.is_file() and portable_tokenizer_config(cfg, has_model_config) == cfg:
         return AutoTokenizer.from_pretrained(directory, use_fast=True, trust_remote_code=trust_remote_code)
+    # The staged copy below holds no config.json, so its tokenizer_config.json must name a class on its own
+    portable = portable_tokenizer_config(cfg, has_model_config=False)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="langconvert-tokenizer-") as tmp:
@@ -325,10 +348,7 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     kwargs: dict[str, Any] = dict(trust_remote_code=spec.trust_remote_code)
     if isinstance(src, Path):
         if src.is_file():
-            if src.suffix != ".gguf":
-                raise ModelError(
-                    f"model.source '{src}' is a file but not a .gguf; give a checkpoint directory, a .gguf file or a Hub id."
-                )
+            check_gguf_file(src)
             ckpt = _convert_gguf(src, spec, base_dir)
             notes.append(f"dequantized from {src.name}")
             if not spec.tokenizer:
@@ -381,10 +401,11 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     try:
         if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(tok_dir, spec.trust_remote_code)
-            original_tokenizer = load_tokenizer(tok_dir, spec.trust_remote_code)
         else:
             tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
-            original_tokenizer = AutoTokenizer.from_pretrained(tok_src, use_fast=True, **kwargs)
+        # One object until trim_vocab replaces loaded.tokenizer with the trimmed one: no stage changes a tokenizer
+        # in place, and a 262k-token tokenizer holds about 290 MB.
+        original_tokenizer = tokenizer
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"no usable tokenizer for '{spec.source}' ({str(exc).splitlines()[0][:160]}); set model.tokenizer to a "

@@ -239,6 +239,13 @@ class CalibrationConfig(_Strict):
     max_heldout_docs: int = Field(
         default=64, ge=1, description="At most this many held-out documents per language are evaluated."
     )
+    max_control_heldout_docs: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many held-out documents for control languages (keep_vocab: false), which are "
+        "reported but not gated. After trimming their text often falls back to byte tokens, several times a "
+        "target language's token count, and scoring it can dominate validation time. null: max_heldout_docs.",
+    )
     translation: TranslationConfig | None = Field(
         default=None,
         description="Translation-prompt calibration (Kim et al. 2024, 'Pruning Multilingual Large Language Models "
@@ -392,6 +399,18 @@ class VocabConfig(_Strict):
         "'[unusedN]'), unless the model config names them. Their rows go to the policies above; the release can "
         "no longer give them a meaning by fine-tuning.",
     )
+
+    @field_validator("extra_scripts")
+    @classmethod
+    def _known_scripts(cls, v: list[str]) -> list[str]:
+        from converter.languages import script_name
+
+        for name in v:
+            try:
+                script_name(name)
+            except RecipeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class ExportConfig(_Strict):
@@ -736,14 +755,34 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
 
 
+MAX_RECIPE_VALUES = 100_000  # values a recipe may expand to, aliases counted at every use (a few hundred is usual)
+
+
+def _too_many_values(data: Any, budget: int = MAX_RECIPE_VALUES) -> bool:
+    """True when ``data`` holds more than ``budget`` values once YAML aliases are expanded (an alias "bomb")."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def _loc(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err["loc"] if p != "__root__") or "recipe"
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One sentence per problem, naming the key and what to do."""
+    """One sentence per problem (the first three), naming the key and what to do."""
     msgs = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:3]:
         loc = _loc(err)
         typ = err["type"]
         if typ == "extra_forbidden":
@@ -753,6 +792,8 @@ def format_validation_error(exc: ValidationError) -> str:
         else:
             text = err["msg"].removeprefix("Value error, ")
             msgs.append(f"'{loc}': {text}" if loc != "recipe" else text)
+    if len(errors) > 3:
+        msgs.append(f"and {len(errors) - 3} more problems (`langconvert check` shows them once these are fixed)")
     return "; ".join(msgs) + "."
 
 
@@ -827,6 +868,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe '{p}' is not UTF-8 text; save it as UTF-8.") from None
     if data is None:
         raise RecipeError(f"recipe '{p}' is empty; see recipes/korean.yaml for a complete example.")
+    if _too_many_values(data):
+        raise RecipeError(
+            f"recipe '{p}' expands to over {MAX_RECIPE_VALUES:,} values through YAML aliases, not a recipe; "
+            "write the values out."
+        )
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError(f"recipe '{p}' must be a YAML mapping; see recipes/korean.yaml.")

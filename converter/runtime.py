@@ -142,6 +142,8 @@ def artifact_logits_fn(artifact: GenaiDecoder | OrtArtifact):
     import torch
 
     def fn(ids: Any, mask: Any) -> Any:
+        if ids.shape[0] == 1 and int(mask.sum()) == ids.shape[1]:  # one unpadded row: no copy
+            return torch.from_numpy(artifact.logits(ids[0].tolist())[None])
         full = None  # (B, S, V), filled row by row
         for j, (row, m) in enumerate(zip(ids, mask)):
             n = int(m.sum())

@@ -109,6 +109,25 @@ def test_run_writes_complete_release(release):
     assert not (tmp / "dist" / "tiny-ko.failed").exists()
 
 
+def test_log_holds_only_langconvert_lines_once(release):
+    """Without -v the output is langconvert's own: timestamped stage lines (each once), then the summary; no
+    third-party warning, deprecation note, link or progress bar."""
+    import re
+
+    _, _, result, _ = release
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    stages = ("load", "calibrate", "reference", "prune", "trim_vocab", "save", "export", "validate")
+    summary = re.compile(rf"^(stage +status|({'|'.join(stages)}) +ok |[✓✗·] |release written to )")
+    log_lines = [ln for ln in lines if re.match(r"^\d\d:\d\d:\d\d ", ln)]
+    assert [ln for ln in lines if ln not in log_lines and not summary.match(ln)] == []
+    messages = [ln[9:] for ln in log_lines]
+    assert len(messages) == len(set(messages)), messages
+    for s in stages:
+        assert sum(m.startswith(f"{s}: done in ") for m in messages) == 1, s
+    noise = re.compile(r"warn|deprecat|https?://|it/s\]|%\|", re.IGNORECASE)
+    assert [ln for ln in lines if noise.search(ln)] == []
+
+
 def test_stale_work_dirs_go_live_ones_stay_and_modes_follow_the_umask(release):
     tmp, _, _, _ = release
     left = sorted(p.name for p in (tmp / "dist").iterdir() if p.name.startswith(".tiny-ko"))
@@ -292,32 +311,79 @@ def test_genai_refusal_is_found_before_any_weight_is_loaded(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_a_run_killed_in_a_stage_leaves_no_release_and_the_next_run_cleans_up(tiny_ckpt, tmp_path):
-    """SIGKILL a real `langconvert` process while each stage runs: no `<name>/` appears, its work directory
-    stays behind, and the next run removes those directories and succeeds."""
+def _kill_in(cmd: list[str], dist: Path, stage: str) -> Path:
+    """Start a real `langconvert` process, SIGKILL it once the manifest shows ``stage`` started (or, for a
+    stage shorter than one poll, just finished: the next one runs); return its work directory."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = dist / f".tiny-ko.tmp-{proc.pid}"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            started = stage in json.loads((work / "manifest.json").read_text())["stages"]
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            started = False
+        if started:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before stage {stage} started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert work.is_dir() and not (dist / "tiny-ko").exists(), stage
+    return work
+
+
+def test_killed_runs_leave_no_release_and_resume_reuses_what_they_finished(tiny_ckpt, tmp_path, release):
+    """SIGKILL real `langconvert` processes in prune, export and validate: no `<name>/` appears and the work
+    directory stays; `--resume` takes over the newest one, reuses every stage it finished (a resumed run killed
+    again is itself resumable) and removes the others; the release equals an uninterrupted run's."""
+    fresh = json.loads((release[0] / "dist" / "tiny-ko" / "manifest.json").read_text())
     recipe = tiny_recipe(tmp_path, tiny_ckpt)
     dist = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "converter.cli", str(recipe), "--set", "validate.speed_prompts=0"]
-    for stage in ("prune", "export", "validate"):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        work = dist / f".tiny-ko.tmp-{proc.pid}"
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                started = stage in json.loads((work / "manifest.json").read_text())["stages"]
-            except (OSError, ValueError):  # not written yet, or caught mid-write
-                started = False
-            if started:  # running (or, for a stage shorter than one poll, just finished: the next one runs)
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before stage {stage} started"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert work.is_dir() and not (dist / "tiny-ko").exists(), stage
-    result = CliRunner().invoke(main, [str(recipe), "--set", "validate.speed_prompts=0"])
+    cmd = [sys.executable, "-m", "converter.cli", "run", str(recipe), "--set", "validate.speed_prompts=0"]
+    _kill_in(cmd, dist, "prune")
+    _kill_in(cmd, dist, "export")
+    work = _kill_in([*cmd, "--resume"], dist, "validate")
+    stages = json.loads((work / "manifest.json").read_text())["stages"]
+    assert [s for s in stages if stages[s]["status"] == "reused"] == [
+        "load", "calibrate", "reference", "prune", "trim_vocab", "save"
+    ], stages
+    assert stages["export"]["status"] == "ok"
+    assert len([p for p in dist.iterdir() if p.name.startswith(".tiny-ko.tmp-")]) == 1  # the others removed
+
+    result = CliRunner().invoke(main, ["run", str(recipe), "--set", "validate.speed_prompts=0", "--resume"])
     assert result.exit_code == 0, result.output
-    assert (dist / "tiny-ko" / "manifest.json").is_file()
-    assert not [p for p in dist.iterdir() if p.name.startswith(".tiny-ko.tmp-")]
+    out = dist / "tiny-ko"
+    man = json.loads((out / "manifest.json").read_text())
+    assert {s: e["status"] for s, e in man["stages"].items()} == {
+        **{s: "reused" for s in ("load", "calibrate", "reference", "prune", "trim_vocab", "save", "export")},
+        "validate": "ok",
+    }
+    def untimed(metrics):
+        return {k: v for k, v in metrics.items() if k != "seconds"}
+
+    assert untimed(man["stages"]["prune"]["metrics"]) == untimed(fresh["stages"]["prune"]["metrics"])
+    assert not [p for p in dist.iterdir() if p.name != "tiny-ko"]
+    assert not (out / ".resume").exists() and not (out / ".scratch").exists()
+    shipped = {k: v["sha256"] for k, v in man["files"].items() if k.startswith(("model/", "onnx/"))}
+    assert shipped and shipped == {k: fresh["files"][k]["sha256"] for k in shipped}
+
+
+def test_resume_reruns_what_changed(tiny_ckpt, tmp_path):
+    """A failed gate, then --resume with the gate relaxed: only validate runs again. With nothing to resume,
+    --resume runs every stage."""
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
+    args = ["run", str(recipe), "--set", "validate.speed_prompts=0"]
+    result = CliRunner().invoke(main, [*args, "--set", "validate.onnx_max_abs_logit_diff=1e-12", "--resume"])
+    assert result.exit_code == 1, result.output
+    failed = json.loads((tmp_path / "dist" / "tiny-ko.failed" / "manifest.json").read_text())
+    assert all(e["status"] == "ok" for s, e in failed["stages"].items()), failed["stages"]
+    result = CliRunner().invoke(main, [*args, "--set", "vocab.min_count=2", "--resume"])
+    assert result.exit_code == 0, result.output
+    man = json.loads((tmp_path / "dist" / "tiny-ko" / "manifest.json").read_text())
+    assert {s: e["status"] for s, e in man["stages"].items()} == {
+        **{s: "reused" for s in ("calibrate", "reference")},
+        **{s: "ok" for s in ("load", "prune", "trim_vocab", "save", "export", "validate")},
+    }
 
 
 def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):

@@ -10,6 +10,7 @@ is trimmed by ``converter.vocab.spm``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -454,7 +455,13 @@ def trim_vocab(
         words,
         original=tok.backend_tokenizer,
     )
+    vocab_file = getattr(tok, "vocab_file", None)
+    spm_file = Path(vocab_file) if vocab_file and str(vocab_file).endswith(".model") else None
+    if out_dir is None or spm_file is None or not spm_file.is_file():
+        tj = None  # only the SentencePiece rewrite reads it again
     new_tok = _load_trimmed_fast_tokenizer(tok, new_tj, token_map)
+    del new_tj
+    gc.collect()  # the parsed tokenizer.json (hundreds of MB of Python objects for a 262k vocabulary) goes first
     stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map)
     loaded.tokenizer = new_tok
 
@@ -483,9 +490,8 @@ def trim_vocab(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         new_tok.save_pretrained(out)
-        vocab_file = getattr(tok, "vocab_file", None)
-        if vocab_file and str(vocab_file).endswith(".model") and Path(vocab_file).is_file():
-            why = rewrite_sentencepiece(Path(vocab_file), tj, token_map, out / "tokenizer.model")
+        if tj is not None:
+            why = rewrite_sentencepiece(spm_file, tj, token_map, out / "tokenizer.model")
             if why is not None:
                 log.warning("tokenizer.model left out of the trimmed tokenizer: %s", why)
         result.write_token_map(out / "token_map.json")

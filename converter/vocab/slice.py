@@ -104,7 +104,9 @@ def slice_model(model: nn.Module, arch: Arch, token_map: Sequence[int]) -> Slice
 
     # (rows_before, hidden) -> (len(token_map), hidden)
     old_w = emb.weight
-    emb.weight = nn.Parameter(old_w.index_select(0, idx).clone(), requires_grad=old_w.requires_grad)
+    # index_select allocates the new rows (no clone: a second copy would double the transient peak)
+    emb.weight = nn.Parameter(old_w.index_select(0, idx), requires_grad=old_w.requires_grad)
+    del old_w
     emb.num_embeddings = len(token_map)
     if getattr(emb, "padding_idx", None) is not None:
         emb.padding_idx = old_to_new.get(int(emb.padding_idx))
@@ -114,11 +116,11 @@ def slice_model(model: nn.Module, arch: Arch, token_map: Sequence[int]) -> Slice
     else:
         hw = head.weight  # (rows_before, hidden)
         head.weight = nn.Parameter(
-            hw.index_select(0, idx.to(hw.device)).clone(), requires_grad=hw.requires_grad
+            hw.index_select(0, idx.to(hw.device)), requires_grad=hw.requires_grad
         )
     if getattr(head, "bias", None) is not None:
         b = head.bias  # (rows_before,)
-        head.bias = nn.Parameter(b.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
+        head.bias = nn.Parameter(b.index_select(0, idx.to(b.device)), requires_grad=b.requires_grad)
     if hasattr(head, "out_features"):
         head.out_features = len(token_map)
 
