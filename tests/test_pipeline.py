@@ -368,22 +368,43 @@ def test_killed_runs_leave_no_release_and_resume_reuses_what_they_finished(tiny_
     assert shipped and shipped == {k: fresh["files"][k]["sha256"] for k in shipped}
 
 
-def test_resume_reruns_what_changed(tiny_ckpt, tmp_path):
-    """A failed gate, then --resume with the gate relaxed: only validate runs again. With nothing to resume,
-    --resume runs every stage."""
+def test_resume_after_a_failed_gate_runs_validation_only(tiny_ckpt, tmp_path):
+    """A failed gate, then --resume with the gate relaxed: every stage up to export is reused (a gate threshold
+    is in no stage's key). With nothing to resume, --resume runs every stage."""
     recipe = tiny_recipe(tmp_path, tiny_ckpt)
     args = ["run", str(recipe), "--set", "validate.speed_prompts=0"]
     result = CliRunner().invoke(main, [*args, "--set", "validate.onnx_max_abs_logit_diff=1e-12", "--resume"])
     assert result.exit_code == 1, result.output
     failed = json.loads((tmp_path / "dist" / "tiny-ko.failed" / "manifest.json").read_text())
     assert all(e["status"] == "ok" for s, e in failed["stages"].items()), failed["stages"]
-    result = CliRunner().invoke(main, [*args, "--set", "vocab.min_count=2", "--resume"])
+    result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     man = json.loads((tmp_path / "dist" / "tiny-ko" / "manifest.json").read_text())
     assert {s: e["status"] for s, e in man["stages"].items()} == {
-        **{s: "reused" for s in ("calibrate", "reference")},
-        **{s: "ok" for s in ("load", "prune", "trim_vocab", "save", "export", "validate")},
+        **{s: "reused" for s in ("load", "calibrate", "reference", "prune", "trim_vocab", "save", "export")},
+        "validate": "ok",
     }
+
+
+def test_stage_keys_follow_what_each_stage_reads(tiny_ckpt, tmp_path):
+    """Changing vocab changes the keys of trim_vocab, save and export only; a gate threshold changes none; the
+    reuse plan then reruns load (the weights are needed again) but keeps calibrate and reference."""
+    from converter.pipeline import plan_reuse, stage_keys
+    from converter.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_ckpt)
+    base = stage_keys(load_recipe(recipe), "cpu")
+    vocab = stage_keys(load_recipe(recipe, ["vocab.min_count=2"]), "cpu")
+    gate = stage_keys(load_recipe(recipe, ["validate.onnx_max_abs_logit_diff=0.5"]), "cpu")
+    speed = stage_keys(load_recipe(recipe, ["validate.speed_prompts=0"]), "cpu")
+    assert gate == base
+    assert {s for s in base if base[s] != vocab[s]} == {"trim_vocab", "save", "export"}
+    assert {s for s in base if base[s] != speed[s]} == {"reference"}
+    assert stage_keys(load_recipe(recipe), "cuda")["prune"] != base["prune"]
+    same = {s for s in base if base[s] == vocab[s]}
+    assert plan_reuse(same) == {"calibrate", "reference"}
+    assert plan_reuse(set(base)) == set(base)
+    assert plan_reuse(set(base) - {"reference"}) == set(base) - {"reference", "load"}
 
 
 def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
