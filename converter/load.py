@@ -436,6 +436,59 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     )
 
 
+_MADV_DONTNEED = 4  # Linux: drop this process's page-table entries for the range; file pages refault from cache
+
+
+def unmap_clean_checkpoint_pages() -> int:
+    """Give back the resident pages of this process's safetensors mappings that no code has written to.
+
+    transformers maps a safetensors checkpoint instead of copying it, and every page a forward pass touches then
+    stays counted in the process's resident set until the mapping goes, although nothing needs it there: it is
+    clean page cache the next access faults back in (no disk read while the kernel keeps it cached). A mapping
+    with any privately written (copy-on-write) page is left alone, since dropping that page would bring back the
+    file's bytes. Linux only; returns the KiB released (0 elsewhere)."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return 0
+    import ctypes
+
+    ranges: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    rss = anonymous = 0
+    released = 0
+
+    def close() -> None:
+        nonlocal released
+        if current is not None and rss and anonymous == 0:
+            ranges.append(current)
+            released += rss
+
+    for line in text.splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            close()
+            path = head[5] if len(head) == 6 else ""
+            current = None
+            if path.endswith(".safetensors"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = (start, end)
+            rss = anonymous = 0
+        elif current is not None and head and head[0] == "Rss:":
+            rss = int(head[1])
+        elif current is not None and head and head[0] == "Anonymous:":
+            anonymous = int(head[1])
+    close()
+    if not ranges:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for start, end in ranges:
+        if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+            return 0
+    return released
+
+
 def load_saved(model_dir: Path, spec: ModelSpec) -> LoadedModel:
     """A checkpoint this run saved (``model/``), loaded back the way a user loads it, so that validation checks
     the files that ship, not the objects that wrote them."""

@@ -17,6 +17,7 @@ import platform
 import shutil
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -167,16 +168,20 @@ def _apply_umask_modes(root: Path) -> None:
 
 
 def _return_memory() -> None:
-    """Collect garbage (the model builders leave reference cycles holding whole graphs) and hand freed heap pages
-    back to the OS (glibc's malloc_trim), so a stage starts from what the run really holds."""
+    """Collect garbage (the model builders leave reference cycles holding whole graphs), hand freed heap pages
+    back to the OS (glibc's malloc_trim) and unmap the clean checkpoint pages the last stage read, so a stage
+    starts from what the run really holds."""
     import ctypes
     import gc
+
+    from converter.load import unmap_clean_checkpoint_pages
 
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: the allocator keeps its own pages
+    unmap_clean_checkpoint_pages()  # the checkpoint pages the last stage read stay cached, not resident
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> None:
@@ -198,13 +203,61 @@ def map_large_allocations(threshold: int = 1 << 20) -> None:
         pass  # not glibc
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading is this stage's own peak (Linux)."""
+def _status_kib(field: str) -> int | None:
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
-        return False
+        pass
+    return None
+
+
+class _StagePeak:
+    """One stage's own peak RSS, without resetting the kernel's high-water mark (VmHWM), which is what
+    ``/usr/bin/time -v`` and ``getrusage`` report for the whole run: a stage that raised VmHWM peaked exactly
+    there; for one that did not, a thread samples the resident size every 10 ms and keeps the highest."""
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __init__(self) -> None:
+        self.hwm_start = _status_kib("VmHWM")
+        self.peak = self._resident_kib() or 0
+        self._stop = threading.Event()
+        self._thread = None
+        if self.hwm_start is not None:
+            self._thread = threading.Thread(target=self._sample, name="langconvert-rss", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def _resident_kib(cls) -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * cls._PAGE // 1024
+        except OSError:
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            now = self._resident_kib() or 0
+            if now > self.peak:
+                self.peak = now
+
+    def finish(self) -> tuple[float | None, str]:
+        """(peak MiB, scope): 'stage' on Linux; elsewhere the run's peak so far from getrusage."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        hwm = _status_kib("VmHWM")
+        if hwm is None or self.hwm_start is None:
+            import resource
+
+            return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "run so far"
+        peak = max(self.peak, self._resident_kib() or 0)
+        if hwm > self.hwm_start:  # the run's new high-water mark was set during this stage
+            peak = max(peak, hwm)
+        return round(peak / 1024, 1), "stage"
 
 
 def _cuda_reset() -> bool:
@@ -231,18 +284,6 @@ def _rss_mb() -> float | None:
     except OSError:
         pass
     return None
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # the run's peak so far
 
 
 class Manifest:
@@ -367,12 +408,13 @@ class Manifest:
         log.info("%s: started", stage)
         _return_memory()
         entry["rss_start_mb"] = _rss_mb()
-        per_stage = _reset_peak_rss()
+        peak = _StagePeak()
         cuda = _cuda_reset()
         t0 = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
+            peak.finish()
             entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=str(exc))
             if not isinstance(exc, ConvertError):
                 entry["traceback"] = traceback.format_exc(limit=20)
@@ -381,8 +423,7 @@ class Manifest:
         seconds = time.perf_counter() - t0
         summary = result.summary() if hasattr(result, "summary") else {}
         entry.update(status="ok", seconds=round(seconds, 3), metrics=summary)
-        entry["peak_rss_mb"] = _peak_rss_mb()
-        entry["peak_rss_scope"] = "stage" if per_stage else "run so far"
+        entry["peak_rss_mb"], entry["peak_rss_scope"] = peak.finish()
         if cuda:
             entry["peak_cuda_mb"] = _cuda_peak_mb()
         self.results[stage] = result
@@ -410,6 +451,9 @@ class Manifest:
             shutil.rmtree(self.resume_dir, ignore_errors=True)
         self.data["status"] = status
         self.data["seconds"] = round(time.time() - self.started, 3)
+        hwm = _status_kib("VmHWM")  # the whole process's peak (what /usr/bin/time -v reports), Linux only
+        if hwm is not None:
+            self.data["peak_rss_mb"] = round(hwm / 1024, 1)
         if report_writer is not None:
             try:
                 report_writer(self)

@@ -78,8 +78,14 @@ class OnnxDecoder:
         return named["logits"], new_past
 
 
-def load_session(onnx_dir: Path | str, providers: Sequence[str] | None = None) -> OnnxDecoder:
-    """An :class:`OnnxDecoder` on ``onnx_dir/model.onnx``. CUDA only when asked for and available, else CPU."""
+def load_session(
+    onnx_dir: Path | str, providers: Sequence[str] | None = None, mapped: bool = False
+) -> OnnxDecoder:
+    """An :class:`OnnxDecoder` on ``onnx_dir/model.onnx``. CUDA only when asked for and available, else CPU.
+
+    ``mapped``: no weight prepacking, so the CPU provider computes from the external data file's mapping (page
+    cache the kernel can reclaim) instead of from a packed copy of every weight in process memory; slower, for
+    checks, not for timing."""
     import onnxruntime as ort
 
     path = Path(onnx_dir)
@@ -94,6 +100,8 @@ def load_session(onnx_dir: Path | str, providers: Sequence[str] | None = None) -
         chosen.append("CPUExecutionProvider")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT warns about every unused initializer and CPU-placed shape op otherwise
+    if mapped:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     return OnnxDecoder(session, path)
 

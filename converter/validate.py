@@ -557,12 +557,15 @@ def validate(
         converted.release_weights()
         gc.collect()
 
-        # pass 2: the float export in plain onnxruntime, against PyTorch logit by logit
+        # pass 2: the float export in plain onnxruntime, against PyTorch logit by logit. Its session computes from
+        # the mapped data file (no packed copy), so a float export larger than the memory left still checks.
+        ort.clear_session_cache()  # the artifact's session, when it ran in plain onnxruntime
+        float_session = ort.load_session(float_dir, mapped=True)
         max_diff = 0.0
         agree_float = [0, 0]
         scratch.seek(0)
         for e, shape in zip(windows, shapes):
-            fl = torch.as_tensor(ort.onnx_logits(float_dir, torch.tensor([e]))).float()[0]
+            fl = torch.as_tensor(ort.onnx_logits(float_session, torch.tensor([e]))).float()[0]
             # PyTorch's logits read back in chunks of positions: no second (S, V) array beside the float export's
             chunk = np.empty((_LSE_CHUNK, shape[1]), np.float32)
             for a in range(0, len(e), _LSE_CHUNK):
@@ -576,8 +579,9 @@ def validate(
         scratch.close()
         for label, p in prompts.items():
             greedy[label]["onnx_float"] = ort.greedy_generate_onnx(
-                float_dir, torch.tensor([p]), cfg.greedy_tokens
+                float_session, torch.tensor([p]), cfg.greedy_tokens
             )
+        float_session = None
         ort.clear_session_cache()
         gc.collect()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +438,74 @@ def test_matmulnbits_computes_x_times_dequantized_weight():
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
         y = rt.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, x @ dequantize(codes, scales, k, bs), rtol=1e-5, atol=1e-5)
+
+
+def test_large_tensors_start_page_aligned_and_mapped_sessions_hold_no_copy(tmp_path):
+    """io.save starts every tensor of >= 1 MiB at a multiple of 4 KiB of the data file, so onnxruntime maps it;
+    a ``mapped`` session (validation's float parity) then computes from that mapping without a packed copy and
+    gives the same outputs as a default session."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converter.export.io import ALIGN_BYTES, ALIGN_MIN_BYTES, save
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((263, 1001), dtype=np.float32) / 16  # 1,053,052 bytes: not a multiple of 4 KiB
+    mid = rng.standard_normal((500,), dtype=np.float32)  # 2,000 bytes: external, too small to align
+    w2 = rng.standard_normal((1001, 11264), dtype=np.float32) / 32  # 43 MiB: onnxruntime packs a copy of it
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y0"]),
+            helper.make_node("ReduceSum", ["mid"], ["s"], keepdims=0),
+            helper.make_node("Add", ["y0", "s"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 263])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 11264])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (mid, "mid"), (w2, "w2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "model.onnx"
+    save(model, path, data_name="model.onnx_data", external=True)
+
+    saved = onnx.load(str(path), load_external_data=False)
+    offsets = {
+        t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in saved.graph.initializer
+    }
+    sizes = {"w1": w1.nbytes, "mid": mid.nbytes, "w2": w2.nbytes}
+    assert set(offsets) == set(sizes)
+    for name, n in sizes.items():
+        if n >= ALIGN_MIN_BYTES:
+            assert offsets[name] % ALIGN_BYTES == 0, name
+    assert offsets["mid"] == w1.nbytes  # small tensors are packed without padding
+    assert offsets["w2"] > offsets["mid"] + mid.nbytes  # padded up to the next page
+
+    x = rng.standard_normal((3, 263), dtype=np.float32)
+    expected = np.maximum(x @ w1, 0) @ w2 + mid.sum()
+    mapped = ort.load_session(path, mapped=True)
+    assert mapped.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    got_mapped = mapped.session.run(None, {"x": x})[0]
+    got_packed = ort.load_session(path).session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got_mapped, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got_mapped, got_packed, rtol=1e-5, atol=1e-5)  # summation order only
+
+    # The memory each session adds, in a fresh process (this one's heap may already hold freed pages): the
+    # default session packs w2 into its own memory, the mapped one reads it from the file.
+    probe = (
+        "import sys\n"
+        "from converter import ort\n"
+        "def anon():\n"
+        "    return [int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('RssAnon:')][0]\n"
+        "ort.load_session(sys.argv[1], mapped=True)  # onnxruntime's own start-up (thread pools) paid here\n"
+        "a = anon(); m = ort.load_session(sys.argv[1], mapped=True); b = anon()\n"
+        "p = ort.load_session(sys.argv[1]); c = anon()\n"
+        "print(b - a, c - b)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True, cwd=Path.cwd()
+    )
+    mapped_kib, packed_kib = (int(v) for v in out.stdout.split())
+    assert packed_kib > 32 * 1024, packed_kib
+    assert mapped_kib < 8 * 1024, mapped_kib

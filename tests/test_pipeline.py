@@ -143,7 +143,40 @@ def test_every_stage_records_its_peak_memory(release):
     man = json.loads((out / "manifest.json").read_text())
     for name, st in man["stages"].items():
         assert st["peak_rss_mb"] > 50 and st["peak_rss_scope"] == "stage", name
+        assert st["peak_rss_mb"] <= man["peak_rss_mb"], name  # the run's peak, as /usr/bin/time reports it
     assert "| peak RSS MB |" in (out / "report.md").read_text()
+
+
+def test_stage_peaks_leave_the_process_peak_alone():
+    """A stage's own peak, whether or not it raises the process's high-water mark, and that mark (what
+    /usr/bin/time -v and getrusage report for the whole run) is never reset by the measurement."""
+    import time
+
+    import numpy as np
+
+    from converter.manifest import _StagePeak, _status_kib
+
+    mib = 2**20
+    first = np.ones(400 * mib // 8)  # a high-water mark above what the next stage reaches
+    del first
+    hwm = _status_kib("VmHWM")
+    start = _status_kib("VmRSS")
+    stage = _StagePeak()
+    second = np.ones(150 * mib // 8)
+    time.sleep(0.1)
+    del second
+    peak, scope = stage.finish()
+    assert scope == "stage"
+    assert peak * 1024 >= start + 140 * 1024  # the sampler saw the 150 MiB the stage held
+    assert peak * 1024 < hwm  # and not the earlier, higher mark
+    assert _status_kib("VmHWM") >= hwm  # nothing reset it
+
+    stage = _StagePeak()
+    # enough to pass the old mark from where the process stands: the stage's peak is the new mark
+    third = np.ones(((hwm - _status_kib("VmRSS")) // 1024 + 100) * mib // 8)
+    del third
+    peak, _ = stage.finish()
+    assert peak == round(_status_kib("VmHWM") / 1024, 1) and peak * 1024 > hwm
 
 
 def test_manifest_records_stages_versions_and_checksums(release):
@@ -435,3 +468,30 @@ def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
     weights = load_file(out / "model" / "model.safetensors")
     w = weights["model.layers.0.mlp.down_proj.weight"]
     assert len(w.unique()) > 64  # float, not 16 levels per block
+
+
+def test_clean_checkpoint_pages_are_unmapped_and_written_ones_kept(tmp_path):
+    """unmap_clean_checkpoint_pages gives back the checkpoint pages a forward pass made resident without changing
+    any result, and leaves a mapping alone once code has written into it (dropping those pages would bring
+    back the file's bytes)."""
+    import torch
+    from conftest import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from converter.load import unmap_clean_checkpoint_pages
+
+    tiny_model("llama", vocab_size=8192, tie=False).save_pretrained(tmp_path / "ckpt")  # ~4.6 MB of weights
+    unmap_clean_checkpoint_pages()  # whatever earlier tests left mapped
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.randint(0, 8192, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert unmap_clean_checkpoint_pages() >= 1024  # the lm_head alone is 2 MB, read whole by the forward
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # faulted back in from the page cache, same bytes
+        model.lm_head.weight.mul_(0.5)  # a write into the mapping: its page is now this process's own copy
+        halved = model(ids).logits
+    assert not torch.equal(halved, before)
+    assert unmap_clean_checkpoint_pages() == 0  # the written mapping is left alone
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, halved)  # so the write survives

@@ -15,6 +15,11 @@ ONNX_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
 # protobuf cannot serialise a ModelProto over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Tensors of at least ALIGN_MIN_BYTES start at a multiple of ALIGN_BYTES in the external data file, so that
+# onnxruntime's CPU provider maps them from the file instead of copying them (the page size on Linux and macOS;
+# the padding costs at most 4 KiB per large tensor).
+ALIGN_BYTES = 4096
+ALIGN_MIN_BYTES = 1 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".onnx.data")
 
 
@@ -180,6 +185,10 @@ def save(
                 raw = t.raw_data
             else:
                 continue  # small tensors and typed fields stay inside the graph
+            if len(raw) >= ALIGN_MIN_BYTES and offset % ALIGN_BYTES:
+                pad = ALIGN_BYTES - offset % ALIGN_BYTES
+                out.write(bytes(pad))
+                offset += pad
             out.write(raw)
             t.ClearField("raw_data")
             _set_external(t, data_name, offset, len(raw))

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from converter.calibrate import TEXT, TRANSLATION, CalibrationResult
 from converter.errors import DataError, ModelError, RecipeError
-from converter.load import LoadedModel
+from converter.load import LoadedModel, unmap_clean_checkpoint_pages
 from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
 from converter.prune.moe import ExpertStats, balanced_kmeans
@@ -391,6 +391,7 @@ def prune(
         if wanda and i < last_needed:
             states = _run_layer(layer, states, calls, device)
         layer.to(home)
+        unmap_clean_checkpoint_pages()  # this layer's original weights: read, replaced or kept, not needed now
         if pruned and cfg.method == "experts":
             log.info(
                 "prune: layer %d/%d FFN %d -> %d neurons, reconstruction error %.3g -> %.3g (%.2fs)",
