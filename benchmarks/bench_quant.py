@@ -44,6 +44,9 @@ VARIANTS = {
     "int4 block 32, mse scales, lm_head 8-bit, GPTQ": {
         "quantize": "int4", "block_size": 32, "scale_search": "mse", "lm_head_bits": 8, "gptq": True
     },
+    "int4 block 16, mse scales, lm_head 8-bit, GPTQ": {
+        "quantize": "int4", "block_size": 16, "scale_search": "mse", "lm_head_bits": 8, "gptq": True
+    },
 }
 
 
