@@ -53,6 +53,8 @@ from bench_pruning import CONFIGS  # noqa: E402  (langconvert's prune settings o
 
 # configuration -> llm-compressor modifier doing the same method
 METHODS = {"wanda50": "wanda", "sparsegpt50": "sparsegpt"}
+# langconvert-only variants (prune.propagate: dense), compared with llm-compressor's run of the base configuration
+VARIANTS = {"wanda50-dense": "wanda50", "sparsegpt50-dense": "sparsegpt50"}
 PRUNERS = ("langconvert", "llm-compressor")
 _LLMC_PROBE = (
     "import json; from importlib.metadata import version; "
@@ -279,6 +281,9 @@ def render(rows: list[dict], base: dict, meta: dict, args: argparse.Namespace) -
         ratio = ""
         if r["pruner"] == "langconvert" and r["config"] in llmc_seconds and llmc_seconds[r["config"]] > 0:
             ratio = f"{lc_seconds[r['config']] / llmc_seconds[r['config']]:.2f}"
+        base_cfg = VARIANTS.get(r["config"])
+        if r["pruner"] == "langconvert" and base_cfg in llmc_seconds and llmc_seconds[base_cfg] > 0:
+            ratio = f"{lc_seconds[r['config']] / llmc_seconds[base_cfg]:.2f} (vs {base_cfg})"
         same = f"{100 * r['mask_agreement']:.1f}%" if "mask_agreement" in r else ""
         lines.append(
             f"| {r['config']} | {r['pruner']} | {100 * r['sparsity']['overall']:.2f}% | "
@@ -300,7 +305,12 @@ def main() -> None:
     ap.add_argument(
         "--model-dir", help="an HF checkpoint directory to prune instead of the recipe's model.source"
     )
-    ap.add_argument("--configs", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument(
+        "--configs",
+        default=",".join([*METHODS, *VARIANTS]),
+        help=f"subset of {','.join([*METHODS, *VARIANTS])} (a -dense variant runs langconvert only and is compared "
+        "with llm-compressor's run of its base configuration, which must come first)",
+    )
     ap.add_argument("--pruners", default=",".join(PRUNERS), help=f"subset of {','.join(PRUNERS)}")
     ap.add_argument("--heldout", type=int, default=24, help="held-out documents per language")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
@@ -319,8 +329,8 @@ def main() -> None:
     configs = args.configs.split(",")
     pruners = args.pruners.split(",")
     for name in configs:
-        if name not in METHODS:
-            raise SystemExit(f"unknown configuration '{name}'; choose from {', '.join(METHODS)}")
+        if name not in METHODS and name not in VARIANTS:
+            raise SystemExit(f"unknown configuration '{name}'; choose from {', '.join([*METHODS, *VARIANTS])}")
     for p in pruners:
         if p not in PRUNERS:
             raise SystemExit(f"unknown pruner '{p}'; choose from {', '.join(PRUNERS)}")
@@ -369,6 +379,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    llmc_masks: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-llmc-") as tmp_s:
         tmp = Path(tmp_s)
         windows_path = tmp / "windows.safetensors"
@@ -377,7 +388,10 @@ def main() -> None:
             cfg = _prune_cfg(recipe, name)
             meta["batch_size"] = cfg.batch_size
             masks: dict[str, list[Any]] = {}
-            for pruner in pruners:
+            base_cfg = VARIANTS.get(name)
+            if base_cfg in llmc_masks:  # llm-compressor's masks of the base configuration, for "same mask"
+                masks["llm-compressor"] = llmc_masks[base_cfg]
+            for pruner in pruners if base_cfg is None else [p for p in pruners if p == "langconvert"]:
                 tag = f"{name}-{pruner}"
                 job = tmp / f"{tag}.json"
                 weights = tmp / f"{tag}.safetensors"
@@ -418,6 +432,8 @@ def main() -> None:
                 row.update(quality)
                 if len(masks) == 2:
                     row["mask_agreement"] = _agreement(*masks.values())
+                if pruner == "llm-compressor":
+                    llmc_masks[name] = masks[pruner]
                 weights.unlink()
                 meta["threads"] = row.get("threads", args.threads)
                 rows.append(row)

@@ -36,6 +36,9 @@ CONFIGS: dict[str, dict] = {
     "original": {"method": "none"},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
+    # one forward pass per layer: the next layer calibrates on the original model's activations
+    "wanda50-dense": {"method": "wanda", "sparsity": 0.5, "propagate": "dense"},
+    "sparsegpt50-dense": {"method": "sparsegpt", "sparsity": 0.5, "propagate": "dense"},
     "experts25": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": True},
     "experts25-norefit": {"method": "experts", "sparsity": 0.25, "expert_selection": "activation", "refit": False},
     "random25": {"method": "experts", "sparsity": 0.25, "expert_selection": "random", "refit": True},

@@ -435,66 +435,24 @@ def validate(
             )
         )
 
-    # --- quality per language
+    # --- quality per language. One model at a time: the converted PyTorch model scores every language, runs
+    # lm_eval, computes the greedy references and writes its logits for the parity windows to an unlinked scratch
+    # file; it is released before the shipped artifact's session opens (pass 1), and that session is closed
+    # before the float export's (pass 2). No two models or sessions are ever in memory together.
     m["quality"] = {}
     conv_fn = torch_logits_fn(converted.model)
     rows = converted.model.get_output_embeddings().weight.shape[0]
     pc = param_counts(converted.model)
-    artifact = None
-    if onnx_dir is not None:
-        from converter.runtime import artifact_logits_fn, open_artifact
-
-        artifact = open_artifact(onnx_dir, runtime)
-    art_fn = artifact_logits_fn(artifact) if artifact is not None else None
-    worst_increase = None
-    worst_quant = None
     for d in calib.languages.values():
-        q = {
+        m["quality"][d.code] = {
             "original": reference.quality[d.code],
             "converted": score_texts(
                 conv_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len, vocab_size=rows
             ),
         }
-        if art_fn is not None:
-            q["artifact"] = score_texts(
-                art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len, vocab_size=rows
-            )
-            q["artifact_vs_converted"] = _rel(q["artifact"]["bpb"], q["converted"]["bpb"])
-        final = q.get("artifact", q["converted"])
-        q["bpb_increase"] = _rel(final["bpb"], q["original"]["bpb"])
-        m["quality"][d.code] = q
-        if d.keep_vocab and (worst_increase is None or q["bpb_increase"] > worst_increase[1]):
-            worst_increase = (d.code, q["bpb_increase"])
-        if (
-            d.keep_vocab
-            and "artifact" in q
-            and (worst_quant is None or q["artifact_vs_converted"] > worst_quant[1])
-        ):
-            worst_quant = (d.code, q["artifact_vs_converted"])
-        log.info(
-            "quality %s: bpb %.3f -> %.3f (%+.1f%%)",
-            d.code,
-            q["original"]["bpb"],
-            final["bpb"],
-            100 * q["bpb_increase"],
-        )
-    if worst_increase is not None:
-        code, inc = worst_increase
-        detail = f"worst target language: {code}"
-        if cfg.max_bpb_increase is not None:
-            res.checks.append(gate("bits-per-byte increase", inc, "<=", cfg.max_bpb_increase, detail))
-        else:
-            res.checks.append(Check("bits-per-byte increase", inc, detail=detail + " (not gated)"))
-    if worst_quant is not None:
-        code, inc = worst_quant
-        name = "bits-per-byte increase of the artifact over converted PyTorch"
-        detail = f"worst target language: {code}"
-        if cfg.max_artifact_bpb_increase is not None:
-            res.checks.append(gate(name, inc, "<=", cfg.max_artifact_bpb_increase, detail))
-        else:
-            res.checks.append(Check(name, inc, detail=detail + " (not gated)"))
+    quality_checks_at = len(res.checks)
 
-    # --- downstream tasks, while the converted PyTorch weights are still loaded (ONNX parity releases them)
+    # --- downstream tasks, while the converted PyTorch weights are still loaded
     if lm_eval is not None:
         from converter.lm_eval_hook import compare, run_suite
 
@@ -502,13 +460,12 @@ def validate(
         m["lm_eval"], lm_checks = compare(reference.lm_eval or {}, scores, lm_eval)
         res.checks.extend(lm_checks)
 
-    # --- ONNX parity. Two passes over the same windows, one runtime at a time: pass 1 holds PyTorch and the
-    # shipped artifact, pass 2 only the float export. PyTorch's logits go to an unlinked scratch file in pass 1
-    # and are read back window by window in pass 2, so the converted model is released before the float
-    # session opens and no two models and sessions are ever in memory together.
+    # --- ONNX parity, PyTorch's side: greedy references and logits of the parity windows (to scratch)
     art_speed = None
+    artifact = None
     if onnx_dir is not None:
         from converter import ort
+        from converter.runtime import artifact_logits_fn, open_artifact
 
         docs = [doc for d in targets for doc in d.heldout_docs[:4]]
         ids_list = [
@@ -531,30 +488,80 @@ def validate(
         ref_margins = {
             label: greedy_margins(conv_fn, p, ref_greedy[label]) for label, p in prompts.items()
         }
-
-        # pass 1: the shipped artifact, in its own runtime
-        agree_art = [0, 0]
         scratch = tempfile.TemporaryFile(dir=model_dir.parent)
         shapes = []
+        ref_tops = []
         for e in windows:
             ref = conv_fn(torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long))[0].float().numpy()
             scratch.write(ref.tobytes())
             shapes.append(ref.shape)
-            ref_top = torch.from_numpy(ref).argmax(-1)
-            del ref  # before the artifact's logits arrive: one (S, V) array at a time
+            ref_tops.append(torch.from_numpy(ref).argmax(-1))
+            del ref  # one (S, V) array at a time
+        speed_texts = speed_prompts(converted.tokenizer, calib, cfg) if reference.speed is not None and targets else None
+        conv_fn = None
+        converted.release_weights()
+        gc.collect()
+        # pass 1: the shipped artifact, in its own runtime
+        artifact = open_artifact(onnx_dir, runtime)
+
+    art_fn = artifact_logits_fn(artifact) if artifact is not None else None
+    worst_increase = None
+    worst_quant = None
+    for d in calib.languages.values():
+        q = m["quality"][d.code]
+        if art_fn is not None:
+            q["artifact"] = score_texts(
+                art_fn, converted.tokenizer, d.heldout_docs, cfg.eval_seq_len, vocab_size=rows
+            )
+            q["artifact_vs_converted"] = _rel(q["artifact"]["bpb"], q["converted"]["bpb"])
+        final = q.get("artifact", q["converted"])
+        q["bpb_increase"] = _rel(final["bpb"], q["original"]["bpb"])
+        if d.keep_vocab and (worst_increase is None or q["bpb_increase"] > worst_increase[1]):
+            worst_increase = (d.code, q["bpb_increase"])
+        if (
+            d.keep_vocab
+            and "artifact" in q
+            and (worst_quant is None or q["artifact_vs_converted"] > worst_quant[1])
+        ):
+            worst_quant = (d.code, q["artifact_vs_converted"])
+        log.info(
+            "quality %s: bpb %.3f -> %.3f (%+.1f%%)",
+            d.code,
+            q["original"]["bpb"],
+            final["bpb"],
+            100 * q["bpb_increase"],
+        )
+    quality_checks = []
+    if worst_increase is not None:
+        code, inc = worst_increase
+        detail = f"worst target language: {code}"
+        if cfg.max_bpb_increase is not None:
+            quality_checks.append(gate("bits-per-byte increase", inc, "<=", cfg.max_bpb_increase, detail))
+        else:
+            quality_checks.append(Check("bits-per-byte increase", inc, detail=detail + " (not gated)"))
+    if worst_quant is not None:
+        code, inc = worst_quant
+        name = "bits-per-byte increase of the artifact over converted PyTorch"
+        detail = f"worst target language: {code}"
+        if cfg.max_artifact_bpb_increase is not None:
+            quality_checks.append(gate(name, inc, "<=", cfg.max_artifact_bpb_increase, detail))
+        else:
+            quality_checks.append(Check(name, inc, detail=detail + " (not gated)"))
+    res.checks[quality_checks_at:quality_checks_at] = quality_checks
+
+    if onnx_dir is not None:
+        agree_art = [0, 0]
+        for e, ref_top in zip(windows, ref_tops):
             art_top = torch.from_numpy(artifact.logits(e)).argmax(-1)
             agree_art[0] += int((ref_top == art_top).sum())
             agree_art[1] += len(e)
         greedy = {
             label: {"onnx_artifact": artifact.greedy(p, cfg.greedy_tokens)} for label, p in prompts.items()
         }
-        if reference.speed is not None and targets:
-            art_speed = artifact.decode_speed(
-                speed_prompts(converted.tokenizer, calib, cfg), cfg.speed_new_tokens
-            )
+        if speed_texts is not None:
+            art_speed = artifact.decode_speed(speed_texts, cfg.speed_new_tokens)
         runtime_name = artifact.runtime
-        artifact = art_fn = conv_fn = None
-        converted.release_weights()
+        artifact = art_fn = None
         gc.collect()
 
         # pass 2: the float export in plain onnxruntime, against PyTorch logit by logit. Its session computes from

@@ -180,6 +180,42 @@ def test_each_layer_is_calibrated_on_pruned_previous_layers(model_type):
     assert any(not torch.equal(got[name], from_dense[name]) for name in got)
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "experts"])
+def test_dense_propagation_calibrates_every_layer_on_the_original_model_in_one_pass(model_type, method):
+    """prune.propagate: dense. Each layer runs once per batch (the default walk: twice, except the last), and with
+    Wanda layer 1's masks equal those from the dense model's own activations, not from pruned layer 0's."""
+    model = tiny_model(model_type)
+    dense = copy.deepcopy(model)
+    calib = calib_of(n=5)
+    layers = Arch.of(model).decoder_layers()
+    extra = {"experts": 37, "sparsity": 0.25} if method == "experts" else {"sparsity": 0.5}  # FFN width 37
+    calls = {}
+    for propagate in ("pruned", "dense"):
+        m = copy.deepcopy(dense) if propagate == "pruned" else model
+        count = [0] * len(layers)
+        hs = [
+            layer.register_forward_pre_hook(lambda *_a, i=i, count=count: count.__setitem__(i, count[i] + 1))
+            for i, layer in enumerate(Arch.of(m).decoder_layers())
+        ]
+        prune(loaded_of(m), calib, PruneConfig(method=method, batch_size=2, propagate=propagate, **extra))
+        for h in hs:
+            h.remove()
+        calls[propagate] = count
+    # 5 windows in batches of 2: 3 batches of two sizes. The capture pass before the walk enters layer 0 once per
+    # batch and every later layer once per batch size (stopping at the last one's entrance).
+    batches, n = 3, len(layers)
+    capture = [batches] + [2] * (n - 1)
+    assert calls["pruned"] == [c + 2 * batches for c in capture[:-1]] + [capture[-1] + batches]
+    assert calls["dense"] == [c + batches for c in capture]
+    if method != "wanda":
+        return
+    from_dense = wanda_masks(dense, 1, layer_act_norms(dense, 1, calib.windows, 2), 0.5)
+    got = keep_masks(model, 1)
+    for name in from_dense:
+        assert torch.equal(got[name], from_dense[name]), name
+
+
 def test_wanda_masks_depend_on_calibration_data():
     a, b = tiny_model("gemma3_text", seed=3), tiny_model("gemma3_text", seed=3)
     assert all(

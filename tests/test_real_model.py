@@ -16,6 +16,7 @@ import json
 
 import pytest
 import regex
+import yaml
 from click.testing import CliRunner
 from conftest import ROOT, require_shared
 
@@ -139,11 +140,14 @@ def test_english_release_passes_its_gates(english_release):
     assert onnx["max_abs_logit_diff_float"] < 0.01
     assert onnx["top1_agreement_artifact"] >= 0.93  # measured 0.967 (the gate: 0.9)
     assert onnx["long_prompt_tokens"] == 640
+    # the recipe's tie margin (0.25: the int8 artifact's margin noise differs by CPU, see recipes/english.yaml)
+    tie = yaml.safe_load((ROOT / "recipes" / "english.yaml").read_text())["validate"]["greedy_tie_margin"]
+    assert tie <= 0.25
     for label in ("short", "long"):
         g = onnx["greedy"][label]
         assert g["torch"] == g["onnx_float"] and len(g["torch"]) == 16
         same = next((i for i, (a, b) in enumerate(zip(g["torch"], g["onnx_artifact"])) if a != b), 16)
-        assert same == 16 or g["torch_top2_margins"][same] < 0.1, (same, g["torch_top2_margins"])
+        assert same == 16 or g["torch_top2_margins"][same] < tie, (same, g["torch_top2_margins"])
     q = rep["quality"]
     # Measured on the recipe's 48 held-out lines (the same as here): English 1.503 -> 1.652 bits per byte (+9.9%:
     # pruning +6.8%, trimming +3.5%, int8 +0.2%). The recipe gates +15%; this test holds it to +12%.

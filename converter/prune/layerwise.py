@@ -290,8 +290,11 @@ def prune(
         }
         linears = arch.prunable_linears(layer)
 
+        dense_out: list[torch.Tensor] | None = None  # the layer's outputs before pruning, where a pass made them
         if pruned and cfg.method == "experts":
-            _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
+            dense_out = _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
+            if cfg.propagate != "dense":
+                dense_out = None  # freed now: the default walk runs the pruned layer again
         elif pruned and cfg.method == "sparsegpt":
             hess = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
             handles = [
@@ -299,10 +302,12 @@ def prune(
                 for name, lin in linears.items()
             ]
             try:
-                _run_layer(layer, states, calls, device)
+                dense_out = _run_layer(layer, states, calls, device)
             finally:
                 for h in handles:
                     h.remove()
+            if cfg.propagate != "dense":
+                dense_out = None
             stats = {}
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
@@ -352,7 +357,7 @@ def prune(
                         hook = lambda _m, args, acc=acc: acc.add_batch(args[0])  # noqa: E731
                     handles.append(lin.register_forward_pre_hook(hook))
                 try:
-                    _run_layer(
+                    dense_out = _run_layer(
                         layer,
                         states,
                         calls,
@@ -362,6 +367,8 @@ def prune(
                 finally:
                     for h in handles:
                         h.remove()
+                if cfg.propagate != "dense":
+                    dense_out = None
             stats: dict[str, float] = {}
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
@@ -387,9 +394,14 @@ def prune(
             result.per_layer[i] = stats
             result.num_linears += len(linears)
 
-        # propagate: the (pruned) layer's outputs are the next layer's inputs
+        # propagate: the pruned layer's outputs are the next layer's inputs (prune.propagate: dense keeps the
+        # outputs of the statistics pass, the original model's, and saves this second pass)
         if wanda and i < last_needed:
-            states = _run_layer(layer, states, calls, device)
+            if cfg.propagate == "dense" and dense_out is not None:
+                states = dense_out
+            else:
+                states = _run_layer(layer, states, calls, device)
+        dense_out = None
         layer.to(home)
         unmap_clean_checkpoint_pages()  # this layer's original weights: read, replaced or kept, not needed now
         if pruned and cfg.method == "experts":
@@ -436,8 +448,9 @@ def _prune_ffn(
     calib: CalibrationResult,
     cfg: PruneConfig,
     result: PruneResult,
-) -> None:
-    """Structured FFN pruning of one layer, in place (see the module doc and structured.py)."""
+) -> list[torch.Tensor]:
+    """Structured FFN pruning of one layer, in place (see the module doc and structured.py). Returns the layer's
+    outputs before pruning (from the statistics pass)."""
     gate, up, down = arch.ffn(layer)
     width = up.out_features
     if width % cfg.experts:
@@ -466,7 +479,7 @@ def _prune_ffn(
 
     handles = [down.register_forward_pre_hook(on_down), up.register_forward_pre_hook(on_up)]
     try:
-        _run_layer(layer, states, calls, device, before_batch=lambda bi: batch.__setitem__("i", bi))
+        dense_out = _run_layer(layer, states, calls, device, before_batch=lambda bi: batch.__setitem__("i", bi))
     finally:
         for h in handles:
             h.remove()
@@ -539,6 +552,7 @@ def _prune_ffn(
     result.num_linears += 3 if gate is not None else 2
     result.pruned_linear_params += width * up.in_features * (3 if gate is not None else 2)
     result.zeroed_params += removed_params
+    return dense_out
 
 
 class LayerWalk:
