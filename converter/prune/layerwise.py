@@ -293,8 +293,6 @@ def prune(
         dense_out: list[torch.Tensor] | None = None  # the layer's outputs before pruning, where a pass made them
         if pruned and cfg.method == "experts":
             dense_out = _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
-            if cfg.propagate != "dense":
-                dense_out = None  # freed now: the default walk runs the pruned layer again
         elif pruned and cfg.method == "sparsegpt":
             hess = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
             handles = [
@@ -306,8 +304,6 @@ def prune(
             finally:
                 for h in handles:
                     h.remove()
-            if cfg.propagate != "dense":
-                dense_out = None
             stats = {}
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
@@ -367,8 +363,6 @@ def prune(
                 finally:
                     for h in handles:
                         h.remove()
-                if cfg.propagate != "dense":
-                    dense_out = None
             stats: dict[str, float] = {}
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
@@ -400,6 +394,7 @@ def prune(
             if cfg.propagate == "dense" and dense_out is not None:
                 states = dense_out
             else:
+                dense_out = None  # before the second pass: two copies of the activations at a time, not three
                 states = _run_layer(layer, states, calls, device)
         dense_out = None
         layer.to(home)
