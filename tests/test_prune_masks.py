@@ -108,3 +108,23 @@ def test_activation_norms_accumulate_sum_of_squares():
     )
     with pytest.raises(ValueError, match="activations"):
         acc.add_batch(torch.ones(3))
+
+
+def test_lowest_k_is_the_first_k_of_a_stable_sort_for_every_k():
+    """Against the definition, on scores with many ties (integers 0-3, signed zeros) and on distinct ones, for
+    every k of rows of several widths, along either dimension."""
+    from converter.prune.masks import lowest_k
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 4, (5, n), generator=g).float() for n in (1, 2, 7, 16, 33)]
+    cases += [torch.randn(3, 40, generator=g), torch.tensor([[0.0, -0.0, 0.0, -0.0, 1.0, -1.0]])]
+    for score in cases:
+        for dim in (1, 0):
+            n = score.shape[dim]
+            order = torch.sort(score, dim=dim, stable=True).indices
+            for k in range(n + 1):
+                want = torch.zeros_like(score, dtype=torch.bool)
+                want.scatter_(dim, order.narrow(dim, 0, k), True)
+                assert torch.equal(lowest_k(score, k, dim=dim), want), (score, k, dim)
+    with pytest.raises(ValueError, match="k must be in"):
+        lowest_k(torch.zeros(2, 3), 4)

@@ -9,6 +9,7 @@ from conftest import tiny_model
 from test_prune_layerwise import calib_of, linears, loaded_of, nonlinear_state
 
 from converter.prune import prune
+from converter.prune.shared import SharedInputs
 from converter.prune.sparsegpt import HessianAccumulator, sparsegpt
 from converter.recipe import PruneConfig
 
@@ -71,3 +72,74 @@ def test_layer_walk_prunes_every_linear_and_nothing_else():
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="sparsegpt_blocksize 6 must be a multiple of M=4"):
         PruneConfig(method="sparsegpt", pattern="2:4", sparsity=0.5, sparsegpt_blocksize=6)
+
+
+class _Block(torch.nn.Module):
+    """q/k/v on one norm's output, o on another tensor, gate/up on a second norm's output of the same shape as
+    the first (its memory is free for reuse once q/k/v have run: the grouping must not mistake it), and a
+    third linear on the first buffer after an in-place write (same storage, new contents)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        names = ("q", "k", "v", "o", "gate", "up", "inplace")
+        self.lin = torch.nn.ModuleDict({n: torch.nn.Linear(d, d, bias=False) for n in names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.normalize(x, dim=-1)
+        a = self.lin["q"](h) + self.lin["k"](h) * self.lin["v"](h)
+        b = self.lin["inplace"](h.mul_(2.0))
+        del h
+        a = self.lin["o"](torch.tanh(a + b))
+        g = torch.nn.functional.normalize(x + a, dim=-1)
+        return self.lin["gate"](g) * self.lin["up"](g)
+
+
+def test_linears_fed_the_same_tensor_share_one_hessian():
+    torch.manual_seed(0)
+    block = _Block()
+    hess = SharedInputs(lambda _name: HessianAccumulator(8))
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in block.lin}
+    def hook(n: str):
+        def pre(_m, args) -> None:
+            hess.add(n, args[0])
+            seen[n].append(args[0].clone())
+
+        return pre
+
+    for n, lin in block.lin.items():
+        lin.register_forward_pre_hook(hook(n))
+    block.register_forward_pre_hook(lambda _m, _a: hess.new_batch())
+    with torch.no_grad():
+        for _ in range(3):
+            block(torch.randn(2, 5, 8))
+    of = hess.of
+    assert of["q"] is of["k"] is of["v"] and of["gate"] is of["up"]
+    assert len({id(of["q"]), id(of["o"]), id(of["gate"]), id(of["inplace"])}) == 4 == hess.groups
+    for n in block.lin:  # each H is exactly its own inputs' X^T X: 3 batches of 10 tokens, nothing twice
+        x = torch.cat(seen[n]).reshape(-1, 8).double()
+        assert of[n].tokens == 30
+        assert torch.allclose(of[n].h, x.T @ x, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [8, 512, 602])
+def test_hessian_from_upper_strips_is_the_full_symmetric_product(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 40, width, generator=g)
+    acc = HessianAccumulator(width)
+    for batch in x.split(1):
+        acc.add_batch(batch)
+    flat = x.reshape(-1, width).double()
+    ref = flat.T @ flat
+    assert acc.tokens == 120 and torch.equal(acc.h, acc.h.T)
+    assert torch.allclose(acc.h, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_factor_falls_back_to_float64_where_float32_is_singular():
+    from converter.prune.sparsegpt import inverse_hessian_factor
+
+    h = torch.tensor([[1.0, 1 - 1e-9], [1 - 1e-9, 1.0]], dtype=torch.float64)  # rounds to singular in float32
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(h.float())
+    u, dead = inverse_hessian_factor(h, percdamp=0.0)
+    assert not dead.any() and torch.isfinite(u).all()
+    assert torch.allclose(u.double().T @ u.double(), torch.linalg.inv(h), rtol=1e-3)

@@ -94,7 +94,7 @@ def export_onnx(
     build: dict[str, Any] = {}
     with staging(float_dir) as tmp:
         if cfg.format == "genai":
-            build = genai.build(model_dir, tmp, cfg.context_length)
+            build = genai.build(model_dir, tmp, cfg.context_length, cfg.intra_op_threads)
             tied = build["tied_embedding"]
             copy_side_files(model_dir, tmp, keep=(genai.GENAI_CONFIG,))
         else:

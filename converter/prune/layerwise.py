@@ -40,7 +40,8 @@ from converter.load import LoadedModel, unmap_clean_checkpoint_pages
 from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
 from converter.prune.moe import ExpertStats, balanced_kmeans
-from converter.prune.sparsegpt import HessianAccumulator, sparsegpt
+from converter.prune.shared import SharedInputs
+from converter.prune.sparsegpt import HessianAccumulator, inverse_hessian_factor, sparsegpt
 from converter.prune.wanda import ActivationNorms, contrast_norms, magnitude_scores, wanda_scores
 from converter.recipe import PruneConfig
 
@@ -167,9 +168,14 @@ def _capture(
         hooked = range(n_layers) if need_calls else range(1)
         handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in hooked]
         try:
-            model(input_ids=ids.to(model_device), use_cache=False)
-        except _StopForward:
-            pass
+            before = len(states)
+            if need_calls and not _forward_with_idle_layers(model, layers, ids.to(model_device)):
+                # the model's own code between layers needed real outputs: record again with real layers
+                del states[before:]
+                calls[:] = [None] * n_layers
+                _forward_until_stopped(model, ids.to(model_device))
+            elif not need_calls:
+                _forward_until_stopped(model, ids.to(model_device))
         finally:
             for h in handles:
                 h.remove()
@@ -185,6 +191,45 @@ def _capture(
                 )
             calls_by_size[bsz] = calls  # type: ignore[assignment]
     return states, calls_by_size
+
+
+def _forward_until_stopped(model: nn.Module, ids: torch.Tensor) -> None:
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _StopForward:
+        pass
+
+
+def _forward_with_idle_layers(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> bool:
+    """The model's forward with every decoder layer's computation replaced by returning its input: the
+    pre-hooks still record each layer's call arguments (masks and rotary tables come from the model's forward
+    before the layer loop, not from the layers' outputs), and the batch costs no layer work. False if the
+    forward failed that way; the caller then records with the real layers."""
+
+    def idle(hidden_states=None, *args: Any, **kwargs: Any) -> Any:
+        return hidden_states
+
+    for layer in layers:
+        layer.forward = idle
+    try:
+        _forward_until_stopped(model, ids)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: this family needs real layer outputs
+        log.debug("prune: capture with idle layers failed (%s); capturing with the real layers", exc)
+        return False
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class _ByKind:
+    """Σ x² of one input, split by window kind (calibration.translation.contrast): ``split(x, text, mt)``."""
+
+    def __init__(self, text: ActivationNorms, mt: ActivationNorms, split) -> None:
+        self.text, self.mt, self._split = text, mt, split
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        self._split(x, self.text, self.mt)
 
 
 def _run_layer(
@@ -294,21 +339,27 @@ def prune(
         if pruned and cfg.method == "experts":
             dense_out = _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
         elif pruned and cfg.method == "sparsegpt":
-            hess = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
+            hess = SharedInputs(lambda name, lins=linears: HessianAccumulator(lins[name].in_features, device=device))
             handles = [
-                lin.register_forward_pre_hook(lambda _m, args, acc=hess[name]: acc.add_batch(args[0]))
+                lin.register_forward_pre_hook(lambda _m, args, name=name, hess=hess: hess.add(name, args[0]))
                 for name, lin in linears.items()
             ]
             try:
-                dense_out = _run_layer(layer, states, calls, device)
+                dense_out = _run_layer(layer, states, calls, device, before_batch=lambda _bi, hess=hess: hess.new_batch())
             finally:
                 for h in handles:
                     h.remove()
+            hess.new_batch()  # drop the last batch's inputs
             stats = {}
+            factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one factorisation per shared Hessian
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
+                acc = hess.of[name]
+                if id(acc) not in factors:
+                    factors[id(acc)] = inverse_hessian_factor(acc.h, cfg.sparsegpt_damp)
                 new, _keep = sparsegpt(
-                    w, hess[name].h, cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp
+                    w, acc.h, cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp,
+                    factor=factors[id(acc)],
                 )
                 w.copy_(new)
                 stats[name] = measured_sparsity(w)
@@ -343,26 +394,33 @@ def prune(
                     if not rows.all():
                         text.add_batch(x[~rows])
 
-                handles = []
-                for name, lin in linears.items():
-                    acc = norms[name] = ActivationNorms(lin.in_features, device=device)
+                def make(name: str, lins=linears, split=by_kind, contrast=contrast) -> ActivationNorms | _ByKind:
+                    width = lins[name].in_features
                     if contrast:
-                        mt = mt_norms[name] = ActivationNorms(lin.in_features, device=device)
-                        hook = lambda _m, args, acc=acc, mt=mt, f=by_kind: f(args[0], acc, mt)  # noqa: E731
-                    else:
-                        hook = lambda _m, args, acc=acc: acc.add_batch(args[0])  # noqa: E731
-                    handles.append(lin.register_forward_pre_hook(hook))
+                        return _ByKind(ActivationNorms(width, device), ActivationNorms(width, device), split)
+                    return ActivationNorms(width, device=device)
+
+                shared = SharedInputs(make)  # q/k/v (and gate/up) read one tensor: one Σ x² for them
+
+                def before(bi: int, batch=batch, shared=shared) -> None:
+                    batch["first"] = bi * cfg.batch_size
+                    shared.new_batch()
+
+                handles = [
+                    lin.register_forward_pre_hook(lambda _m, args, name=name, shared=shared: shared.add(name, args[0]))
+                    for name, lin in linears.items()
+                ]
                 try:
-                    dense_out = _run_layer(
-                        layer,
-                        states,
-                        calls,
-                        device,
-                        before_batch=lambda bi, batch=batch: batch.__setitem__("first", bi * cfg.batch_size),
-                    )
+                    dense_out = _run_layer(layer, states, calls, device, before_batch=before)
                 finally:
                     for h in handles:
                         h.remove()
+                    shared.new_batch()
+                for name, acc in shared.of.items():
+                    if contrast:
+                        norms[name], mt_norms[name] = acc.text, acc.mt
+                    else:
+                        norms[name] = acc
             stats: dict[str, float] = {}
             for name, lin in linears.items():
                 w = lin.weight.data  # (out_features, in_features)
@@ -372,15 +430,15 @@ def prune(
                     # s_j = s_mt·s_mt/s_text in place of ‖X_j‖₂ (wanda_scores takes the square), (in,)
                     score = wanda_scores(w, contrast_norms(mt.sq_sum, mt.tokens, acc.sq_sum, acc.tokens).square())
                 else:
+                    sq, tokens = (acc.sq_sum, acc.tokens) if acc is not None else (None, 0)
                     if mt is not None and acc is not None:  # one kind saw no tokens: Wanda over all of them
-                        acc.sq_sum += mt.sq_sum
-                        acc.tokens += mt.tokens
-                    if acc is not None and acc.tokens == 0:
+                        sq, tokens = acc.sq_sum + mt.sq_sum, acc.tokens + mt.tokens  # (shared: not in place)
+                    if acc is not None and tokens == 0:
                         log.warning(
                             "prune: layer %d %s saw no calibration tokens; using magnitude scores", i, name
                         )
-                        acc = None
-                    score = wanda_scores(w, acc.sq_sum) if acc is not None else magnitude_scores(w)
+                        sq = None
+                    score = wanda_scores(w, sq) if sq is not None else magnitude_scores(w)
                 w.masked_fill_(~_mask(score, cfg), 0)
                 stats[name] = measured_sparsity(w)
                 result.pruned_linear_params += w.numel()

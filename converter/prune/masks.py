@@ -8,7 +8,7 @@ arXiv:2104.08378; Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse
 arXiv:2102.04010), which is what 2:4 sparse tensor cores accelerate.
 
 Ties are broken deterministically: among equal scores the entry with the lower input index is pruned first
-(stable ascending sort), so the same scores always give the same mask.
+(the order of a stable ascending sort), so the same scores always give the same mask.
 """
 
 from __future__ import annotations
@@ -25,6 +25,24 @@ def prune_count(in_features: int, sparsity: float) -> int:
     return min(in_features, math.floor(sparsity * in_features + 0.5))
 
 
+def lowest_k(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Bool tensor, True at the ``k`` lowest entries along ``dim``; among equal scores the lower index first.
+
+    The same selection as the first ``k`` of a stable ascending sort, without the sort: the k-th value is the
+    threshold, everything below it is taken, and the ties at it are taken in index order until ``k`` are.
+    O(n) per row instead of O(n log n), which is most of the mask time for the wide matrices of an LLM."""
+    n = score.shape[dim]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    thr = torch.kthvalue(score, k, dim=dim, keepdim=True).values
+    below = score < thr
+    tie = score == thr
+    need = k - below.sum(dim=dim, keepdim=True)
+    return below | (tie & (tie.cumsum(dim=dim) <= need))
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask (True = keep) pruning the ``prune_count(in, sparsity)`` lowest scores of every output row.
 
@@ -32,13 +50,7 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     if score.ndim != 2:
         raise ValueError(f"score must be 2-D (out_features, in_features), got shape {tuple(score.shape)}")
-    k = prune_count(score.shape[1], sparsity)
-    mask = torch.ones_like(score, dtype=torch.bool)
-    if k == 0:
-        return mask
-    order = torch.sort(score, dim=1, stable=True).indices  # (out, in), ascending score
-    mask.scatter_(1, order[:, :k], False)
-    return mask
+    return ~lowest_k(score, prune_count(score.shape[1], sparsity), dim=1)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
