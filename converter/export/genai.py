@@ -99,7 +99,16 @@ def build(
         ) from exc
     cache = Path(tempfile.mkdtemp(prefix="genai-cache.", dir=out_dir.parent))
     chatter = io.StringIO()
+    import torch
+
+    threads = torch.get_num_threads()
     try:
+        # One torch thread: the builder computes the rotary cos/sin tables with torch, whose elementwise ops
+        # split a table over the intra-op threads, and in some runs of a process that had resumed a release,
+        # the rows computed on the second thread came out up to 1.5e-4 off (positions 256-511 of a 512-row
+        # table; the first thread's rows exact), so the same recipe wrote different ONNX bytes. On the calling
+        # thread alone every row is computed alike. The builder's other work is copying weights.
+        torch.set_num_threads(1)
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             create_model(
                 "langconvert",
@@ -119,6 +128,7 @@ def build(
             "loads with transformers, or use export.format: optimum."
         ) from exc
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(cache, ignore_errors=True)
         gc.collect()  # the builder's model and graph sit in reference cycles: free them before the next pass
     log.debug("onnxruntime-genai builder output:\n%s", chatter.getvalue())
