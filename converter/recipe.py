@@ -487,8 +487,8 @@ class ExportConfig(_Strict):
         ge=0,
         description="With format genai: intra_op_num_threads written into genai_config.json's session options. "
         "0: onnxruntime's own choice on the machine that runs the artifact (one thread per physical core); N: "
-        "exactly N threads; null: leave the key out, which leaves the choice to onnxruntime-genai (one thread "
-        "on a 2-core machine, measured 1.8x slower there than 0).",
+        "exactly N threads; null: leave the key out, which leaves the choice to onnxruntime-genai (on a 2-core "
+        "machine as fast as one thread, measured 1.8x slower there than 0).",
     )
 
     @model_validator(mode="after")
