@@ -167,15 +167,16 @@ def _capture(
 
         hooked = range(n_layers) if need_calls else range(1)
         handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in hooked]
+        ids = ids.to(model_device)
+        before = len(states)
         try:
-            before = len(states)
-            if need_calls and not _forward_with_idle_layers(model, layers, ids.to(model_device)):
+            if not need_calls:
+                _forward_until_stopped(model, ids)
+            elif not _forward_with_idle_layers(model, layers, ids):
                 # the model's own code between layers needed real outputs: record again with real layers
                 del states[before:]
                 calls[:] = [None] * n_layers
-                _forward_until_stopped(model, ids.to(model_device))
-            elif not need_calls:
-                _forward_until_stopped(model, ids.to(model_device))
+                _forward_until_stopped(model, ids)
         finally:
             for h in handles:
                 h.remove()

@@ -91,8 +91,8 @@ def sparsegpt(
         raise ValueError(f"hessian must be ({cols}, {cols}) for weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
-    # The factorisation runs in float64; the column walk in float32 on the transposed weight, so that each
-    # visited column, and each row update below it, is one contiguous vector.
+    # The column walk runs in float32 on the transposed weight, so that each visited column, and each row update
+    # below it, is one contiguous vector.
     hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
     wt = weight.detach().float().t().contiguous()  # (cols, rows): column j of the weight is row j here
     wt[dead] = 0.0
