@@ -52,9 +52,21 @@ from bench_peers import _cpu  # noqa: E402  (one description of the machine for 
 from bench_pruning import CONFIGS  # noqa: E402  (langconvert's prune settings of each configuration)
 
 # configuration -> llm-compressor modifier doing the same method
-METHODS = {"wanda50": "wanda", "sparsegpt50": "sparsegpt"}
+# (the -bf16 ones: langconvert with prune.compute_dtype bfloat16; llm-compressor, which computes in the model's
+# dtype, on the model loaded in bfloat16)
+METHODS = {
+    "wanda50": "wanda",
+    "sparsegpt50": "sparsegpt",
+    "wanda50-bf16": "wanda",
+    "sparsegpt50-bf16": "sparsegpt",
+}
 # langconvert-only variants (prune.propagate: dense), compared with llm-compressor's run of the base configuration
-VARIANTS = {"wanda50-dense": "wanda50", "sparsegpt50-dense": "sparsegpt50"}
+VARIANTS = {
+    "wanda50-dense": "wanda50",
+    "sparsegpt50-dense": "sparsegpt50",
+    "wanda50-dense-bf16": "wanda50-bf16",
+    "sparsegpt50-dense-bf16": "sparsegpt50-bf16",
+}
 PRUNERS = ("langconvert", "llm-compressor")
 _LLMC_PROBE = (
     "import json; from importlib.metadata import version; "
@@ -408,7 +420,7 @@ def main() -> None:
                 else:
                     spec = {
                         "checkpoint": str(checkpoint),
-                        "dtype": recipe.model.dtype,
+                        "dtype": "bfloat16" if cfg.compute_dtype == "bfloat16" else recipe.model.dtype,
                         "tokenizer": str(tokenizer_dir),
                         "windows": str(windows_path),
                         "modifier": METHODS[name],

@@ -48,6 +48,11 @@ VARIANTS = {
         "quantize": "int4", "block_size": 16, "scale_search": "mse", "lm_head_bits": 8, "gptq": True
     },
 }
+# mixed precision (export.linear_bits): int8 block 64 with mse scales, one kind of linear at 4 bits in every layer
+for _lin in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.o_proj"):
+    VARIANTS[f"int8 block 64, mse scales, {_lin.split('.')[-1]} int4"] = {
+        "quantize": "int8", "block_size": 64, "scale_search": "mse", "linear_bits": {f"model.layers.*.{_lin}": 4}
+    }
 
 
 def _gptq(release: Path, cfg, work: Path):

@@ -117,14 +117,15 @@ def test_greedy_with_kv_cache_matches_pytorch(models, exported, mt, fmt):
     assert ort.greedy_generate_onnx(exported[mt, fmt, "none"].onnx_dir, prompt, 12) == want
 
 
-def _fake_quantized(model, bits: int, block_size: int = 32):
-    """A copy whose every decoder linear, lm_head and embedding hold what the MatMulNBits blocks stand for."""
+def _fake_quantized(model, bits: int, block_size: int = 32, bits_of=None):
+    """A copy whose every decoder linear, lm_head and embedding hold what the MatMulNBits blocks stand for;
+    ``bits_of(module_name)``: a linear's own bits where they differ from ``bits``."""
     m = copy.deepcopy(model)
     with torch.no_grad():
-        for mod in m.modules():
+        for name, mod in m.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 b = mod.weight.detach().T.numpy()  # MatMul's B (in=K, out=N)
-                codes, scales = block_quantize(b, bits, block_size)
+                codes, scales = block_quantize(b, (bits_of and bits_of(name)) or bits, block_size)
                 mod.weight.copy_(torch.from_numpy(dequantize(codes, scales, b.shape[0], block_size).T))
         if m.config.tie_word_embeddings:
             m.model.embed_tokens.weight = m.lm_head.weight
@@ -151,6 +152,67 @@ def test_weight_only_artifact_computes_its_dequantized_weights(models, tmp_path,
     assert open_artifact(res.onnx_dir).greedy(ids[0, :10].tolist(), 10) == ort.greedy_generate_torch(
         ref_model, ids[:, :10], 10
     )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mt", list(FAMILIES))
+def test_linear_bits_give_the_matching_linears_their_bits(models, tmp_path, mt, fmt):
+    """export.linear_bits: every gate_proj and all of layer 1 at 4 bits, the rest at 8. The artifact (fp32
+    activations) computes exactly that mixed model, in both formats, also where the exporter packs q/k/v or
+    gate/up into one MatMul (then all of layer 1's parts are 4-bit, so the packed weight is too)."""
+    import onnx
+
+    ckpt = _save_checkpoint(models[mt], tmp_path / "hf")
+    linear_bits = {"model.layers.*.mlp.gate_proj": 4, "model.layers.1.*": 4}
+    cfg = ExportConfig(format=fmt, quantize="int8", accuracy_level=0, linear_bits=linear_bits)
+    res = export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work")
+
+    def bits_of(name: str) -> int | None:
+        return 4 if (name.endswith("mlp.gate_proj") or name.startswith("model.layers.1.")) else None
+
+    ref_model = _fake_quantized(models[mt], 8, bits_of=bits_of)
+    ids = _ids(5)
+    with torch.no_grad():
+        ref = ref_model(ids).logits[0]
+    got = torch.from_numpy(open_artifact(res.onnx_dir).logits(ids[0].tolist()))
+    assert (got - ref).abs().max().item() < 1e-4
+    graph = onnx.load(str(res.onnx_dir / "model.onnx")).graph
+    nbits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    four = sorted(n for n, b in nbits.items() if b == 4)
+    assert four and all("gate_proj" in n or "layers.1/" in n for n in four), four
+    assert res.quantization["matmuls_with_linear_bits"] == len(four)
+    assert res.quantization["matmuls_by_bits"] == {"4": len(four), "8": len(nbits) - len(four)}
+
+
+def test_linear_bits_pattern_that_matches_nothing_is_a_recipe_error(models, tmp_path):
+    ckpt = _save_checkpoint(models["llama"], tmp_path / "hf")
+    cfg = ExportConfig(quantize="int8", linear_bits={"layers.*.mlp.gate_proj": 4})  # no "model." prefix
+    with pytest.raises(RecipeError, match=r"pattern 'layers\.\*\.mlp\.gate_proj' matches no linear .*model\.layers\.0\."):
+        export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work")
+    assert not (tmp_path / "onnx").exists()
+    # a 2-D weight that no quantized MatMul reads (the embedding is a Gather) is no linear either
+    cfg = ExportConfig(quantize="int8", linear_bits={"model.embed_tokens": 4})
+    with pytest.raises(RecipeError, match="'model.embed_tokens' matches no linear that the export quantizes"):
+        export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_linear_bits_raise_a_packed_weight_and_read_bfloat16_checkpoints(tmp_path):
+    """int4 with q_proj at 8 bits: onnxruntime-genai packs Llama's q/k/v into one MatMul, which then takes the
+    most bits among its parts (8). The checkpoint is saved in bfloat16, which the patterns are resolved on too;
+    a pattern giving the default bits changes nothing and is not counted."""
+    import onnx
+
+    model = tiny_model("llama", VOCAB, tie=False).to(torch.bfloat16)
+    ckpt = _save_checkpoint(model, tmp_path / "hf")
+    lb = {"model.layers.*.self_attn.q_proj": 8, "model.layers.*.mlp.up_proj": 4}
+    res = export_onnx(ckpt, tmp_path / "onnx", ExportConfig(quantize="int4", linear_bits=lb), tmp_path / "work")
+    graph = onnx.load(str(res.onnx_dir / "model.onnx")).graph
+    nbits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    qkv = [n for n in nbits if "qkv_proj" in n]
+    assert len(qkv) == len(model.model.layers) and all(nbits[n] == 8 for n in qkv)
+    assert all(b == 4 for n, b in nbits.items() if "mlp" in n)
+    assert res.quantization["matmuls_with_linear_bits"] == len(qkv)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -393,6 +455,12 @@ def test_export_recipe_combinations_are_checked():
         ExportConfig(lm_head_bits=8)
     with pytest.raises(ValidationError, match="opset applies to export.format optimum"):
         ExportConfig(opset=17)
+    with pytest.raises(ValidationError, match="linear_bits needs export.quantize int8 or int4"):
+        ExportConfig(linear_bits={"model.layers.*.mlp.up_proj": 4})
+    with pytest.raises(ValidationError, match="linear_bits matches the lm_head; set its bits with export.lm_head_bits"):
+        ExportConfig(quantize="int8", linear_bits={"*": 4})
+    with pytest.raises(ValidationError):
+        ExportConfig(quantize="int8", linear_bits={"model.layers.*.mlp.up_proj": 2})
 
 
 # --------------------------------------------------------------------------------------------------- math

@@ -92,3 +92,26 @@ def test_artifact_computes_the_gptq_codes(mt, tmp_path):
         want = ref(ids).logits[0]
     got = torch.from_numpy(open_artifact(out.onnx_dir).logits(ids[0].tolist()))
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_linears_given_other_bits_get_no_gptq_codes_and_the_export_rounds_them(tmp_path, caplog):
+    """export.gptq with export.linear_bits: the down-projections at 8 bits take no 4-bit GPTQ codes; the export
+    rounds them at 8 bits, every other layer MatMul reads its codes, and nothing is reported as missed."""
+    model = tiny_model("llama", VOCAB, tie=False)
+    lb = {"model.layers.*.mlp.down_proj": 8}
+    cfg = ExportConfig(format="genai", quantize="int4", accuracy_level=0, block_size=32, gptq=True, linear_bits=lb)
+    res = gptq_codes(loaded_of(model), _calib(n=8, seq_len=32), cfg, "cpu", tmp_path)
+    n_layers = len(model.model.layers)
+    assert res.linears == 6 * n_layers
+    codes = res.load()
+    for layer in model.model.layers:
+        assert weight_key(layer.mlp.down_proj.weight.detach().numpy().T) not in codes
+        assert weight_key(layer.mlp.up_proj.weight.detach().numpy().T) in codes
+    ckpt = _save_checkpoint(model, tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        out = export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work", gptq=res)
+    q = out.quantization
+    assert q["matmuls_by_bits"]["8"] == n_layers  # the down-projections
+    assert q["matmuls_with_linear_bits"] == n_layers
+    assert q["matmuls_with_calibrated_codes"] == q["matmuls_by_bits"]["4"] - 1  # all but the rounded lm_head
+    assert "matched no GPTQ codes" not in caplog.text

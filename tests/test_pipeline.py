@@ -500,8 +500,8 @@ def test_clean_checkpoint_pages_are_unmapped_and_written_ones_kept(tmp_path):
 
 def test_transformers_does_not_drag_in_scikit_learn():
     """With scikit-learn installed (the test extra brings it through lm-eval), a process that imports langconvert
-    and then transformers' tokenizer and model classes loads neither scikit-learn nor pandas nor scipy, while a
-    direct import of scikit-learn still works."""
+    and then transformers' tokenizer and model classes and a model's modelling code loads neither scikit-learn
+    nor pandas nor scipy, while a direct import of scikit-learn still works."""
     import importlib.util
 
     if importlib.util.find_spec("sklearn") is None:
@@ -509,6 +509,7 @@ def test_transformers_does_not_drag_in_scikit_learn():
     code = (
         "import sys, converter\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from transformers.models.gemma3 import modeling_gemma3\n"
         "heavy = sorted(m for m in ('sklearn', 'pandas', 'scipy') if m in sys.modules)\n"
         "import sklearn.metrics\n"
         "print(heavy)\n"

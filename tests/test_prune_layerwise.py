@@ -216,6 +216,48 @@ def test_dense_propagation_calibrates_every_layer_on_the_original_model_in_one_p
         assert torch.equal(got[name], from_dense[name]), name
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "experts"])
+def test_bfloat16_compute_runs_the_linears_in_bfloat16_and_keeps_float32_weights(model_type, method):
+    """prune.compute_dtype bfloat16: every linear of the calibration passes computes in bfloat16 (float32 by
+    default), weights and the states passed between layers stay float32, and the result prunes as the float32
+    walk does (same sparsity, nearly the same masks or the same width)."""
+    calib = calib_of(n=5)
+    extra = {"experts": 37, "sparsity": 0.25} if method == "experts" else {"sparsity": 0.5}
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model(model_type)
+        seen, states = set(), set()
+        hs = [
+            m.register_forward_hook(lambda _m, _a, out, seen=seen: seen.add(out.dtype))
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
+        hs += [
+            layer.register_forward_pre_hook(lambda _m, args, kw, states=states: states.add(
+                (args[0] if args else kw["hidden_states"]).dtype), with_kwargs=True)
+            for layer in Arch.of(model).decoder_layers()
+        ]
+        prune(loaded_of(model), calib, PruneConfig(method=method, batch_size=2, compute_dtype=dtype, **extra))
+        for h in hs:
+            h.remove()
+        assert seen == {getattr(torch, dtype)}, (dtype, seen)
+        assert states == {torch.float32}
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        got[dtype] = model
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    n = len(Arch.of(got["float32"]).decoder_layers())
+    for i in range(n):
+        a, b = keep_masks(got["float32"], i), keep_masks(got["bfloat16"], i)
+        for name in a:
+            assert a[name].shape == b[name].shape
+            if method != "experts":
+                if method == "wanda":  # per row; SparseGPT counts per block of columns
+                    assert a[name].sum(1).tolist() == b[name].sum(1).tolist()
+                assert int(a[name].sum()) == int(b[name].sum())
+                assert (a[name] == b[name]).float().mean() > 0.8, (i, name)
+
+
 def test_wanda_masks_depend_on_calibration_data():
     a, b = tiny_model("gemma3_text", seed=3), tiny_model("gemma3_text", seed=3)
     assert all(

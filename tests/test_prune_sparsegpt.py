@@ -143,3 +143,29 @@ def test_factor_falls_back_to_float64_where_float32_is_singular():
     u, dead = inverse_hessian_factor(h, percdamp=0.0)
     assert not dead.any() and torch.isfinite(u).all()
     assert torch.allclose(u.double().T @ u.double(), torch.linalg.inv(h), rtol=1e-3)
+
+
+def test_hessian_products_stay_float32_inside_bfloat16_autocast():
+    """prune.compute_dtype bfloat16 runs the layers under autocast, where X^T X would come out rounded to bfloat16
+    (not positive semi-definite: it broke Gemma 3's factorisation). The accumulator's products stay float32: exact
+    for compute_dtype float32, the exact Gram matrix of the bfloat16-rounded inputs for bfloat16."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 300, 96, generator=g) * torch.rand(96, generator=g) * 50
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact, rounded = HessianAccumulator(96), HessianAccumulator(96, compute_dtype="bfloat16")
+        for batch in x.split(1):
+            exact.add_batch(batch)
+            rounded.add_batch(batch)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before  # the math mode is restored
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    flat = x.reshape(-1, 96).double()
+    assert rel(exact.h, flat.T @ flat) < 1e-6
+    fb = x.reshape(-1, 96).bfloat16().double()
+    # the rounded inputs' Gram matrix where the CPU has bfloat16 units (oneDNN ignores the mode elsewhere and
+    # stays exact); autocast's bfloat16 results would be ~1e-3 off either
+    assert min(rel(rounded.h, fb.T @ fb), rel(rounded.h, flat.T @ flat)) < 1e-6
+    assert torch.linalg.eigvalsh(rounded.h).min() > 0

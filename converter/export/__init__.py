@@ -88,6 +88,8 @@ def export_onnx(
         raise ExportError(f"the ONNX directory '{onnx_dir}' is the model directory; export into a separate one.")
     t0 = time.perf_counter()
     log.info("export: start (%s, format=%s, quantize=%s)", model_dir, cfg.format, cfg.quantize)
+    # export.linear_bits resolved on the checkpoint first: a pattern that matches nothing fails before the build
+    bits_for = quantize.bits_by_weight(model_dir, cfg.linear_bits) if cfg.linear_bits else None
     quantized = cfg.quantize != "none"
     float_dir = work_dir / "onnx-float" if quantized else onnx_dir
 
@@ -119,6 +121,7 @@ def export_onnx(
                     head_bits=cfg.lm_head_bits,
                     scale_search=cfg.scale_search,
                     codes_for=gptq.load() if gptq is not None else None,
+                    bits_for=bits_for,
                 )
             copy_non_onnx(float_dir, tmp)
 

@@ -25,6 +25,7 @@ the export reads them instead of rounding to nearest. The lm_head and embedding 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import time
@@ -183,6 +184,8 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             "export.gptq: false."
         )
     walk = LayerWalk(loaded.model, layers, windows, 8, device)
+    full_name = {id(m): n for n, m in loaded.model.named_modules()}
+    own_bits = getattr(cfg, "linear_bits", None) or {}
     arrays: dict[str, np.ndarray] = {}
     result = GptqResult(path=Path(work_dir) / "gptq-codes.npz", bits=bits, block_size=cfg.block_size)
     for i, layer in tqdm(walk, total=len(layers), desc="gptq", unit="layer", disable=None):
@@ -210,6 +213,15 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
         err_g = err_r = 0.0
         for name, lin in linears.items():
             w = floats[name].cpu()
+            hits = [p for p in own_bits if fnmatch.fnmatchcase(full_name.get(id(lin), name), p)]
+            if hits and own_bits[hits[-1]] != bits:
+                # export.linear_bits gives this linear other bits: the export rounds it to nearest at those, so
+                # the layers after it are calibrated on that
+                b = own_bits[hits[-1]]
+                codes, scales = block_quantize(w.float().numpy().T, b, cfg.block_size, cfg.scale_search)
+                deq = dequantize(codes, scales, w.shape[1], cfg.block_size).T
+                lin.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+                continue
             codes, scales = gptq_quantize(w, hess[name], bits, cfg.block_size, cfg.scale_search, act_order=True)
             key = weight_key(w.float().numpy().T)
             arrays[key + ".codes"], arrays[key + ".scales"] = codes, scales
@@ -219,7 +231,8 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             deq = dequantize(codes, scales, w.shape[1], cfg.block_size).T  # (out, in)
             lin.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
             result.linears += 1
-        result.error_ratio[str(i)] = err_g / max(err_r, 1e-30)
+        if err_r > 0:  # a layer whose every linear has other bits (export.linear_bits) has no GPTQ ratio
+            result.error_ratio[str(i)] = err_g / err_r
         if i < len(layers) - 1:  # the next layer sees what the quantized layer computes
             walk.advance()
         for name, lin in linears.items():
@@ -229,7 +242,7 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             i,
             len(layers) - 1,
             len(linears),
-            result.error_ratio[str(i)],
+            result.error_ratio.get(str(i), float("nan")),
         )
     np.savez(result.path, **arrays)
     result.seconds = time.perf_counter() - t0

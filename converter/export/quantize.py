@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import ExportError
+from converter.errors import ExportError, RecipeError
 from converter.export import graph
 from converter.export.io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -140,12 +140,17 @@ def weight_only_quantize(
     head_bits: int | None = None,
     scale_search: str = "absmax",
     codes_for: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    bits_for: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Replace every float MatMul with a constant 2-D weight by MatMulNBits, in place; share a tied embedding.
 
     The lm_head is the MatMul that writes the graph's ``logits`` output (directly or through elementwise ops);
     it gets ``head_bits`` (default: ``bits``). ``codes_for``: precomputed (codes, scales) per weight, keyed by
-    gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never). Returns what
+    gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never), for weights
+    quantized at ``bits``. ``bits_for``: export.linear_bits resolved by ``bits_by_weight`` (every 2-D weight of
+    the checkpoint, with its bits where a pattern gave it some); a weight the exporter packed from several linears
+    takes the most bits among them, ``bits`` for the unmatched ones. A pattern none of whose linears reaches a
+    quantized MatMul (an embedding, the lm_head, a weight the exporter changed) is a RecipeError. Returns what
     was done: counts, bits per node, bytes.
     """
 
@@ -162,6 +167,9 @@ def weight_only_quantize(
     per_bits: dict[int, int] = {}
     weight_bytes = 0
     precomputed = 0
+    mixed = 0  # MatMuls whose bits bits_for changed
+    missed = 0  # MatMuls at ``bits`` without precomputed codes
+    used_patterns: set[str] = set()
     head_info: dict[str, Any] = {}
     nodes = list(model.graph.node)
     for node in nodes:
@@ -173,11 +181,19 @@ def weight_only_quantize(
         w = array(init)
         k, n = w.shape
         nb = head_bits if (node is head and head_bits) else bits
-        pre = _precomputed(w, codes_for, block_size) if (codes_for and node is not head) else None
+        if bits_for and node is not head:
+            chosen, patterns = _chosen_bits(w, bits_for, bits)
+            used_patterns |= patterns
+            if chosen != bits:
+                nb = chosen
+                mixed += 1
+        looked_up = bool(codes_for) and node is not head and nb == bits
+        pre = _precomputed(w, codes_for, block_size) if looked_up else None
         if pre is not None:
             codes, scales = pre
             precomputed += 1
         else:
+            missed += looked_up
             codes, scales = block_quantize(w, nb, block_size, scale_search)
         packed = pack_codes(codes, nb, block_size)
         qname, sname = f"{init.name}_Q{nb}", f"{init.name}_scales"
@@ -222,7 +238,15 @@ def weight_only_quantize(
         raise ExportError(
             "weight-only quantization found no float MatMul with a constant weight to quantize."
         )
-    missed = sum(per_bits.values()) - (1 if head is not None else 0) - precomputed
+    if bits_for:
+        wanted = {pat for _, _, pat in bits_for.values() if pat is not None}
+        unused = sorted(wanted - used_patterns)
+        if unused:
+            raise RecipeError(
+                f"export.linear_bits pattern '{unused[0]}' matches no linear that the export quantizes (only "
+                "embeddings, the lm_head or weights the exporter rewrote); point it at decoder linears such as "
+                "'model.layers.*.mlp.gate_proj' or remove it."
+            )
     if codes_for and missed:
         log.warning(
             "export: %d MatMul weights matched no GPTQ codes (their float values differ from the checkpoint's) "
@@ -242,11 +266,87 @@ def weight_only_quantize(
         "accuracy_level": accuracy_level,
         "scale_search": scale_search,
         "matmuls_with_calibrated_codes": precomputed,
+        "matmuls_with_linear_bits": mixed,
         "matmuls_by_bits": {str(b): c for b, c in sorted(per_bits.items())},
         "quantized_weight_bytes": int(weight_bytes),
         "lm_head": head_info,
         "embedding": embedding,
     }
+
+
+def bits_by_weight(model_dir: Path, patterns: dict[str, int]) -> dict[str, tuple[int, int | None, str | None]]:
+    """export.linear_bits resolved on a checkpoint: gptq.weight_key of every 2-D weight, laid out as an ONNX
+    MatMul may read it -> (output width, bits or None, the pattern that gave them). Both layouts are keyed: (in,
+    out) for nn.Linear's transposed weight, and the stored one for Conv1D (GPT-2), whose weight is already (in,
+    out). Patterns are fnmatch globs over module names (the weight's name without '.weight'; '*' also matches
+    dots); the last matching pattern wins. Raises RecipeError when a pattern matches no 2-D weight."""
+    import fnmatch
+
+    from safetensors import safe_open
+
+    from converter.export.gptq import weight_key
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise RecipeError(
+            f"export.linear_bits needs the checkpoint's weights as safetensors, and '{model_dir}' has none; "
+            "save it as safetensors or remove export.linear_bits."
+        )
+    out: dict[str, tuple[int, int | None, str | None]] = {}
+    used = dict.fromkeys(patterns, 0)
+    names: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:  # "pt": numpy has no bfloat16
+            for key in st.keys():
+                if not key.endswith(".weight"):
+                    continue
+                w = st.get_tensor(key)
+                if w.ndim != 2:
+                    continue
+                module = key[: -len(".weight")]
+                names.append(module)
+                hits = [p for p in patterns if fnmatch.fnmatchcase(module, p)]
+                for p in hits:
+                    used[p] += 1
+                pat = hits[-1] if hits else None
+                bits = int(patterns[pat]) if pat is not None else None
+                a = w.float().numpy()  # float32 holds bfloat16 and float16 exactly, so keys match the graph
+                out[weight_key(a.T)] = (int(a.shape[0]), bits, pat)
+                out.setdefault(weight_key(a), (int(a.shape[1]), bits, pat))
+    unused = [p for p, n in used.items() if n == 0]
+    if unused:
+        example = next((n for n in names if ".layers." in n), names[0] if names else "?")
+        raise RecipeError(
+            f"export.linear_bits pattern '{unused[0]}' matches no linear of the checkpoint (names look like "
+            f"'{example}'); fix or remove it."
+        )
+    return out
+
+
+def _chosen_bits(
+    w: np.ndarray, bits_for: dict[str, tuple[int, int | None, str | None]], default: int
+) -> tuple[int, set[str]]:
+    """(bits, patterns used) for the MatMul weight ``w`` (K, N): its own entry's bits, or for a weight packed from
+    several linears along N, the most bits among its column slices (``default`` for slices no pattern matched).
+    ``default`` and no patterns when the weight is not found."""
+    from converter.export.gptq import weight_key
+
+    hit = bits_for.get(weight_key(w))
+    if hit is not None:
+        return (hit[1] or default), ({hit[2]} if hit[2] else set())
+    n = w.shape[1]
+    widths = sorted({width for width, _, _ in bits_for.values() if width < n}, reverse=True)
+    found, off = [], 0
+    while off < n:
+        for width in widths:
+            part = bits_for.get(weight_key(w[:, off : off + width])) if off + width <= n else None
+            if part is not None and part[0] == width:
+                found.append(part)
+                off += width
+                break
+        else:
+            return default, set()
+    return max(b or default for _, b, _ in found), {p for _, _, p in found if p}
 
 
 def _precomputed(
@@ -345,7 +445,7 @@ def quantize_weight_only_file(src: Path, dst: Path, **kwargs: Any) -> dict[str, 
         with reading_from(src.parent):
             info = weight_only_quantize(model, **kwargs)
         save(model, dst, data_name=dst.name + ".data", external=True, src_dir=src.parent)
-    except ExportError:
+    except (ExportError, RecipeError):
         raise
     except Exception as exc:
         log.debug("weight-only quantization failed", exc_info=True)

@@ -25,6 +25,7 @@ next layer's inputs. Every layer keeps the same width, so ``intermediate_size`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from converter.load import LoadedModel, unmap_clean_checkpoint_pages
 from converter.prune import structured
 from converter.prune.masks import measured_sparsity, nm_mask, unstructured_mask
 from converter.prune.moe import ExpertStats, balanced_kmeans
-from converter.prune.shared import SharedInputs
+from converter.prune.shared import SharedInputs, float32_products
 from converter.prune.sparsegpt import HessianAccumulator, inverse_hessian_factor, sparsegpt
 from converter.prune.wanda import ActivationNorms, contrast_norms, magnitude_scores, wanda_scores
 from converter.recipe import PruneConfig
@@ -233,20 +234,40 @@ class _ByKind:
         self._split(x, self.text, self.mt)
 
 
+def _autocast(device: str | torch.device, compute_dtype: str):
+    """The context the calibration passes run in: torch.autocast to bfloat16 for prune.compute_dtype bfloat16
+    (matrix products in bfloat16, reductions and norms as autocast keeps them), nothing otherwise."""
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, compute_dtype))
+
+
+def _cpu_has_bf16_units() -> bool:
+    """Does this CPU multiply bfloat16 matrices in hardware (AMX tiles or AVX512-BF16)? False when unknown."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def _run_layer(
-    layer: nn.Module, states: list[torch.Tensor], calls: dict[int, _LayerCall], device: str, before_batch=None
+    layer: nn.Module,
+    states: list[torch.Tensor],
+    calls: dict[int, _LayerCall],
+    device: str,
+    before_batch=None,
+    compute_dtype: str = "float32",
 ) -> list[torch.Tensor]:
-    """Run one layer on every batch; outputs (batch, seq, hidden) come back to CPU. ``before_batch(i)`` is
-    called before batch i runs (hooks use it to know which windows they see)."""
+    """Run one layer on every batch; outputs (batch, seq, hidden) come back to CPU in the dtype of the states.
+    ``before_batch(i)`` is called before batch i runs (hooks use it to know which windows they see)."""
     outs = []
-    for bi, h in enumerate(states):
-        if before_batch is not None:
-            before_batch(bi)
-        call = calls[h.shape[0]]
-        out = layer(h.to(device), *call.args, **call.kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        outs.append(out.to("cpu"))
+    with _autocast(device, compute_dtype):
+        for bi, h in enumerate(states):
+            if before_batch is not None:
+                before_batch(bi)
+            call = calls[h.shape[0]]
+            out = layer(h.to(device), *call.args, **call.kwargs)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            outs.append(out.to("cpu", h.dtype))
     return outs
 
 
@@ -318,6 +339,11 @@ def prune(
         log.info(
             "prune: capturing layer-0 inputs for %d windows of %d tokens", windows.shape[0], windows.shape[1]
         )
+        if cfg.compute_dtype == "bfloat16" and torch.device(device).type == "cpu" and not _cpu_has_bf16_units():
+            log.warning(
+                "prune: compute_dtype bfloat16 on a CPU without bfloat16 matrix units (AMX or AVX512-BF16) runs "
+                "the calibration passes slower than float32; set prune.compute_dtype: float32 on this machine"
+            )
         states, calls_cpu = _capture(model, layers, windows.long(), cfg.batch_size)
     # wanda: run layers only up to the last one that is pruned; nothing after it needs activations
     last_needed = max(to_prune) if (wanda and to_prune) else -1
@@ -340,13 +366,17 @@ def prune(
         if pruned and cfg.method == "experts":
             dense_out = _prune_ffn(arch, layer, i, states, calls, device, calib, cfg, result)
         elif pruned and cfg.method == "sparsegpt":
-            hess = SharedInputs(lambda name, lins=linears: HessianAccumulator(lins[name].in_features, device=device))
+            hess = SharedInputs(
+                lambda name, lins=linears: HessianAccumulator(lins[name].in_features, device, cfg.compute_dtype)
+            )
             handles = [
                 lin.register_forward_pre_hook(lambda _m, args, name=name, hess=hess: hess.add(name, args[0]))
                 for name, lin in linears.items()
             ]
             try:
-                dense_out = _run_layer(layer, states, calls, device, before_batch=lambda _bi, hess=hess: hess.new_batch())
+                dense_out = _run_layer(
+                    layer, states, calls, device, lambda _bi, hess=hess: hess.new_batch(), cfg.compute_dtype
+                )
             finally:
                 for h in handles:
                     h.remove()
@@ -412,7 +442,7 @@ def prune(
                     for name, lin in linears.items()
                 ]
                 try:
-                    dense_out = _run_layer(layer, states, calls, device, before_batch=before)
+                    dense_out = _run_layer(layer, states, calls, device, before, cfg.compute_dtype)
                 finally:
                     for h in handles:
                         h.remove()
@@ -454,7 +484,7 @@ def prune(
                 states = dense_out
             else:
                 dense_out = None  # before the second pass: two copies of the activations at a time, not three
-                states = _run_layer(layer, states, calls, device)
+                states = _run_layer(layer, states, calls, device, compute_dtype=cfg.compute_dtype)
         dense_out = None
         layer.to(home)
         unmap_clean_checkpoint_pages()  # this layer's original weights: read, replaced or kept, not needed now
@@ -523,7 +553,8 @@ def _prune_ffn(
         # (b, s, I): the down-projection's inputs (OPT's layer flattens them to (b·s, I) before its FFN)
         a = args[0].detach().reshape(states[batch["i"]].shape[0], -1, width)
         flat = a.reshape(-1, width).float()
-        gram.add_((flat.T @ flat).double().cpu())
+        with float32_products(flat.device.type, cfg.compute_dtype):  # float32 XᵀX under autocast too
+            gram.add_((flat.T @ flat).double().cpu())
         first = batch["i"] * cfg.batch_size
         for j in range(a.shape[0]):
             stats.add(langs[first + j] if first + j < len(langs) else "?", a[j])
@@ -533,7 +564,9 @@ def _prune_ffn(
 
     handles = [down.register_forward_pre_hook(on_down), up.register_forward_pre_hook(on_up)]
     try:
-        dense_out = _run_layer(layer, states, calls, device, before_batch=lambda bi: batch.__setitem__("i", bi))
+        dense_out = _run_layer(
+            layer, states, calls, device, lambda bi: batch.__setitem__("i", bi), cfg.compute_dtype
+        )
     finally:
         for h in handles:
             h.remove()

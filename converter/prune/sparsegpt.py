@@ -16,17 +16,20 @@ from __future__ import annotations
 import torch
 
 from converter.prune.masks import lowest_k
+from converter.prune.shared import float32_products
 
 
 class HessianAccumulator:
-    """Running H = Σ_t x_t x_tᵀ over calibration tokens, in float64. add_batch takes (..., in_features).
+    """Running H = Σ_t x_t x_tᵀ over calibration tokens. add_batch takes (..., in_features).
 
     Each batch adds only the upper triangle's blocks, in up to 4 strips of rows (for 2048 inputs: 10/16 of the
-    products of a full X^T X, measured 35% faster); ``h`` mirrors it into the full symmetric matrix."""
+    products of a full X^T X, measured 35% faster), into a float32 sum in place (one addmm per strip, no float64
+    copy of each batch's product); ``h`` mirrors it into the full symmetric matrix in float64."""
 
-    def __init__(self, in_features: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, in_features: int, device: str | torch.device = "cpu", compute_dtype: str = "float32") -> None:
         self.in_features = in_features
-        self._upper = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.compute_dtype = compute_dtype  # "bfloat16": products of bfloat16-rounded inputs, float32 sums
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._full: torch.Tensor | None = None
         self.tokens = 0
         n = 4 if in_features >= 512 else 1
@@ -35,8 +38,12 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, self.in_features).float()
-        for a, b in self._strips:  # rows a:b of H, from column a on
-            self._upper[a:b, a:] += (flat[:, a:b].T @ flat[:, a:]).double().to(self._upper.device)
+        # float32 results even under prune.compute_dtype bfloat16 (autocast's bfloat16 XᵀX left Gemma 3's o_proj
+        # Hessian with eigenvalues down to -1e-4 of its largest, past the dampening); see float32_products
+        with float32_products(self._upper.device.type, self.compute_dtype):
+            flat = flat.to(self._upper.device)
+            for a, b in self._strips:  # rows a:b of H, from column a on
+                self._upper[a:b, a:].addmm_(flat[:, a:b].T, flat[:, a:])
         self.tokens += flat.shape[0]
         self._full = None
 
@@ -44,7 +51,8 @@ class HessianAccumulator:
     def h(self) -> torch.Tensor:
         """The symmetric (in, in) float64 Hessian."""
         if self._full is None:
-            self._full = torch.triu(self._upper) + torch.triu(self._upper, diagonal=1).T
+            upper = self._upper.double()
+            self._full = torch.triu(upper) + torch.triu(upper, diagonal=1).T
         return self._full
 
 
