@@ -327,7 +327,7 @@ class PruneConfig(_Strict):
         "'bfloat16' runs the layers under torch.autocast and forms XᵀX (SparseGPT, the experts' refit) from "
         "bfloat16-rounded inputs with float32 sums; weights and the states between layers keep model.dtype, "
         "and the statistics are summed in float32/float64. Fast on CUDA GPUs and on CPUs with AMX (Intel Xeon 4th "
-        "generation and later; measured there: Wanda 2.2x and SparseGPT 1.7x faster at the same quality, "
+        "generation and later; measured there: Wanda 2.1-2.2x and SparseGPT 1.7x faster at the same quality, "
         "benchmarks/RESULTS.md), slow on CPUs without bfloat16 units.",
     )
     sparsegpt_blocksize: int = Field(

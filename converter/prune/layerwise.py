@@ -392,7 +392,9 @@ def prune(
                     w, acc.h, cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp,
                     factor=factors[id(acc)],
                 )
-                w.copy_(new)
+                # a new tensor, not a write into the old one: the checkpoint's mapped pages stay clean, so
+                # unmap_clean_checkpoint_pages can give them back (and no copy-on-write page faults)
+                lin.weight.data = w = new
                 stats[name] = measured_sparsity(w)
                 result.pruned_linear_params += w.numel()
                 result.zeroed_params += int((w == 0).sum())
@@ -470,7 +472,7 @@ def prune(
                         )
                         sq = None
                     score = wanda_scores(w, sq) if sq is not None else magnitude_scores(w)
-                w.masked_fill_(~_mask(score, cfg), 0)
+                lin.weight.data = w = w.masked_fill(~_mask(score, cfg), 0)  # a new tensor, as SparseGPT's
                 stats[name] = measured_sparsity(w)
                 result.pruned_linear_params += w.numel()
                 result.zeroed_params += int((w == 0).sum())
