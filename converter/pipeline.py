@@ -14,6 +14,7 @@ from converter.calibrate import calibrate
 from converter.errors import GateFailed
 from converter.export import export_onnx
 from converter.export.gptq import gptq_codes
+from converter.export.quantize import check_linear_bits
 from converter.lm_eval_hook import LmEvalSuite, prepare_lm_eval
 from converter.load import LoadedModel, load_model, load_saved
 from converter.manifest import Manifest, map_large_allocations
@@ -175,6 +176,8 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> Path:
         if "export" not in m.reuse:
             shutil.rmtree(m.work / "onnx", ignore_errors=True)
         loaded = m.record("load", load_model, recipe.model, recipe.base_dir, key=keys["load"])
+        if recipe.export.enabled and recipe.export.linear_bits:  # a pattern typo fails now, not after prune
+            check_linear_bits(loaded.model, recipe.export.linear_bits)
         calib = m.record(
             "calibrate",
             calibrate,

@@ -345,6 +345,23 @@ def test_genai_refusal_is_found_before_any_weight_is_loaded(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_linear_bits_typo_fails_right_after_load(tiny_ckpt, tmp_path):
+    """A export.linear_bits pattern that names no linear stops the run with exit 2 and one sentence right after
+    the load stage, not after pruning; nothing named like a finished release appears."""
+    import json
+
+    bad = {"quantize": "int8", "linear_bits": {"model.layers.*.mlp.gate": 4}}  # gate_proj, not gate
+    recipe = tiny_recipe(tmp_path, tiny_ckpt, export=bad)
+    result = CliRunner().invoke(main, [str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "pattern 'model.layers.*.mlp.gate' matches no linear of the checkpoint" in result.output
+    assert "Traceback" not in result.output
+    dist = tmp_path / "dist"
+    assert not (dist / "tiny-ko").exists()
+    manifest = json.loads((dist / "tiny-ko.failed" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and list(manifest["stages"]) == ["load"]
+
+
 def _kill_in(cmd: list[str], dist: Path, stage: str) -> Path:
     """Start a real `langconvert` process, SIGKILL it once the manifest shows ``stage`` started (or, for a
     stage shorter than one poll, just finished: the next one runs); return its work directory."""

@@ -25,7 +25,6 @@ the export reads them instead of rounding to nearest. The lm_head and embedding 
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import time
@@ -170,8 +169,10 @@ class GptqResult:
 def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -> GptqResult:
     """Walk the decoder layers with the calibration windows, GPTQ-quantize every linear (module doc)."""
     from converter.errors import DataError
-    from converter.export.quantize import block_quantize, dequantize
+    from converter.export.quantize import block_quantize, dequantize, matching_patterns
     from converter.prune.layerwise import LayerWalk
+    from converter.prune.shared import SharedInputs
+    from converter.prune.sparsegpt import HessianAccumulator
 
     t0 = time.perf_counter()
     bits = 8 if cfg.quantize == "int8" else 4
@@ -190,30 +191,24 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
     result = GptqResult(path=Path(work_dir) / "gptq-codes.npz", bits=bits, block_size=cfg.block_size)
     for i, layer in tqdm(walk, total=len(layers), desc="gptq", unit="layer", disable=None):
         linears = arch.prunable_linears(layer)
-        hess = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
-
-        last: dict[str, Any] = {"x": None, "xtx": None}  # q/k/v (gate/up) read one tensor: one product for all
-
-        def add(acc: torch.Tensor, last: dict[str, Any] = last):
-            def hook(_m, args):
-                if args[0] is not last["x"]:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    last["x"], last["xtx"] = args[0], (x.T @ x).double().cpu()  # fp32 product, fp64 sum
-                acc.add_(last["xtx"])
-
-            return hook
-
-        handles = [lin.register_forward_pre_hook(add(hess[name])) for name, lin in linears.items()]
+        # one X^T X per distinct input (q/k/v, gate/up share theirs), as prune's SparseGPT walk accumulates them
+        acc = SharedInputs(lambda name, lins=linears: HessianAccumulator(lins[name].in_features))
+        handles = [
+            lin.register_forward_pre_hook(lambda _m, args, name=name, acc=acc: acc.add(name, args[0]))
+            for name, lin in linears.items()
+        ]
         try:
-            walk.run()
+            walk.run(lambda _bi, acc=acc: acc.new_batch())
         finally:
             for hd in handles:
                 hd.remove()
+            acc.new_batch()
+        hess = {name: acc.of[name].h for name in linears}
         floats = {name: lin.weight.data.clone() for name, lin in linears.items()}
         err_g = err_r = 0.0
         for name, lin in linears.items():
             w = floats[name].cpu()
-            hits = [p for p in own_bits if fnmatch.fnmatchcase(full_name.get(id(lin), name), p)]
+            hits = matching_patterns(full_name.get(id(lin), name), own_bits)
             if hits and own_bits[hits[-1]] != bits:
                 # export.linear_bits gives this linear other bits: the export rounds it to nearest at those, so
                 # the layers after it are calibrated on that

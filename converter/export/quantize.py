@@ -24,9 +24,11 @@ Dynamic int8 (``export.quantize: int8-dynamic``)
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -274,14 +276,45 @@ def weight_only_quantize(
     }
 
 
+def matching_patterns(name: str, patterns: Iterable[str]) -> list[str]:
+    """The export.linear_bits patterns (fnmatch globs, '*' also matching dots) that match a module name, in
+    recipe order; the last one's bits apply."""
+    return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+
+
+def _unmatched_pattern(pattern: str, names: list[str]) -> RecipeError:
+    example = next((n for n in names if ".layers." in n), names[0] if names else "?")
+    return RecipeError(
+        f"export.linear_bits pattern '{pattern}' matches no linear of the checkpoint (names look like "
+        f"'{example}'); fix or remove it."
+    )
+
+
+def check_linear_bits(model: Any, patterns: dict[str, int]) -> None:
+    """RecipeError when a pattern matches none of ``model``'s linears (modules with a 2-D weight other than the
+    embeddings): checked right after loading, before the stages that take minutes."""
+    import torch
+
+    out = model.get_output_embeddings()
+    names = [
+        n
+        for n, mod in model.named_modules()
+        if not isinstance(mod, torch.nn.Embedding)
+        and mod is not out
+        and isinstance(getattr(mod, "weight", None), torch.Tensor)
+        and mod.weight.ndim == 2
+    ]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise _unmatched_pattern(p, names)
+
+
 def bits_by_weight(model_dir: Path, patterns: dict[str, int]) -> dict[str, tuple[int, int | None, str | None]]:
     """export.linear_bits resolved on a checkpoint: gptq.weight_key of every 2-D weight, laid out as an ONNX
     MatMul may read it -> (output width, bits or None, the pattern that gave them). Both layouts are keyed: (in,
     out) for nn.Linear's transposed weight, and the stored one for Conv1D (GPT-2), whose weight is already (in,
     out). Patterns are fnmatch globs over module names (the weight's name without '.weight'; '*' also matches
     dots); the last matching pattern wins. Raises RecipeError when a pattern matches no 2-D weight."""
-    import fnmatch
-
     from safetensors import safe_open
 
     from converter.export.gptq import weight_key
@@ -305,7 +338,7 @@ def bits_by_weight(model_dir: Path, patterns: dict[str, int]) -> dict[str, tuple
                     continue
                 module = key[: -len(".weight")]
                 names.append(module)
-                hits = [p for p in patterns if fnmatch.fnmatchcase(module, p)]
+                hits = matching_patterns(module, patterns)
                 for p in hits:
                     used[p] += 1
                 pat = hits[-1] if hits else None
@@ -315,11 +348,7 @@ def bits_by_weight(model_dir: Path, patterns: dict[str, int]) -> dict[str, tuple
                 out.setdefault(weight_key(a), (int(a.shape[1]), bits, pat))
     unused = [p for p, n in used.items() if n == 0]
     if unused:
-        example = next((n for n in names if ".layers." in n), names[0] if names else "?")
-        raise RecipeError(
-            f"export.linear_bits pattern '{unused[0]}' matches no linear of the checkpoint (names look like "
-            f"'{example}'); fix or remove it."
-        )
+        raise _unmatched_pattern(unused[0], names)
     return out
 
 
@@ -329,23 +358,10 @@ def _chosen_bits(
     """(bits, patterns used) for the MatMul weight ``w`` (K, N): its own entry's bits, or for a weight packed from
     several linears along N, the most bits among its column slices (``default`` for slices no pattern matched).
     ``default`` and no patterns when the weight is not found."""
-    from converter.export.gptq import weight_key
-
-    hit = bits_for.get(weight_key(w))
-    if hit is not None:
-        return (hit[1] or default), ({hit[2]} if hit[2] else set())
-    n = w.shape[1]
-    widths = sorted({width for width, _, _ in bits_for.values() if width < n}, reverse=True)
-    found, off = [], 0
-    while off < n:
-        for width in widths:
-            part = bits_for.get(weight_key(w[:, off : off + width])) if off + width <= n else None
-            if part is not None and part[0] == width:
-                found.append(part)
-                off += width
-                break
-        else:
-            return default, set()
+    widths = {width for width, _, _ in bits_for.values()}
+    found = _column_parts(w, bits_for, widths, lambda entry, width: entry[0] == width)
+    if found is None:
+        return default, set()
     return max(b or default for _, b, _ in found), {p for _, _, p in found if p}
 
 
@@ -355,22 +371,33 @@ def _precomputed(
     """Codes and scales for ``w`` (K, N) from ``codes_for``: its own entry, or, for a weight the exporter packed
     from several linears along N (a fused q/k/v or gate/up projection), the entries of its consecutive column
     slices concatenated. None when some columns have no entry or the blocks do not fit."""
+    blocks = -(-w.shape[0] // block_size)
+    widths = {c.shape[0] for c, s in codes_for.values() if s.shape[1] == blocks}
+    parts = _column_parts(w, codes_for, widths, lambda entry, width: entry[1].shape == (width, blocks))
+    if parts is None:
+        return None
+    return np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+def _column_parts(w: np.ndarray, table: dict[str, Any], widths: set[int], fits) -> list[Any] | None:
+    """The entries of ``table`` (keyed by gptq.weight_key) that cover ``w`` (K, N) as consecutive column slices:
+    the whole weight, or the linears an exporter packed into it along N. At each offset the widest slice whose
+    entry ``fits(entry, width)`` is taken. None when some columns have no entry."""
     from converter.export.gptq import weight_key
 
-    k, n = w.shape
-    blocks = -(-k // block_size)
-    widths = sorted({c.shape[0] for c, s in codes_for.values() if s.shape[1] == blocks}, reverse=True)
+    n = w.shape[1]
+    order = sorted((x for x in widths if x <= n), reverse=True)
     parts, off = [], 0
     while off < n:
-        for width in widths:
-            hit = codes_for.get(weight_key(w[:, off : off + width])) if off + width <= n else None
-            if hit is not None and hit[1].shape == (width, blocks):
+        for width in order:
+            hit = table.get(weight_key(w[:, off : off + width])) if off + width <= n else None
+            if hit is not None and fits(hit, width):
                 parts.append(hit)
                 off += width
                 break
         else:
             return None
-    return np.concatenate([c for c, _ in parts]), np.concatenate([s for _, s in parts])
+    return parts
 
 
 def _quantize_embeddings(model: Any, bits: int, block_size: int) -> dict[str, Any]:
