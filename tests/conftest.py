@@ -39,8 +39,11 @@ def ntrex_lines(lang: str) -> list[str]:
     return (NTREX / f"newstest2019-ref.{NTREX_FILES[lang]}.txt").read_text(encoding="utf-8").splitlines()
 
 
-def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool = True, seed: int = 0):
-    """A randomly initialised 2-layer causal LM of the given family (hidden 64, odd intermediate size 37).
+def tiny_model(
+    model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool = True, seed: int = 0, layers: int = 2
+):
+    """A randomly initialised causal LM of the given family, 2 layers unless ``layers`` says otherwise (hidden 64,
+    odd intermediate size 37); with more than 2, Gemma 3's last layer is a full-attention one.
 
     head_dim 16 (= hidden / heads, which optimum assumes) because onnxruntime's CPU GroupQueryAttention (export.format genai) needs a multiple of 16; the
     Gemma 3 layers are both sliding-window layers (window 16), the pattern onnxruntime-genai's builder assumes
@@ -51,7 +54,7 @@ def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=37,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -62,7 +65,8 @@ def tiny_model(model_type: str = "gemma3_text", vocab_size: int = 512, tie: bool
         pad_token_id=0,
     )
     if model_type == "gemma3_text":
-        kwargs.update(sliding_window=16, layer_types=["sliding_attention", "sliding_attention"])
+        kinds = ["sliding_attention"] * layers if layers <= 2 else ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        kwargs.update(sliding_window=16, layer_types=kinds)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

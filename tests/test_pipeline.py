@@ -488,15 +488,22 @@ def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
     assert len(w.unique()) > 64  # float, not 16 levels per block
 
 
-def test_clean_checkpoint_pages_are_unmapped_and_written_ones_kept(tmp_path):
+@pytest.mark.parametrize("source", ["pagemap", "smaps"])
+def test_clean_checkpoint_pages_are_unmapped_and_written_ones_kept(tmp_path, monkeypatch, source):
     """unmap_clean_checkpoint_pages gives back the checkpoint pages a forward pass made resident without changing
     any result, and leaves a mapping alone once code has written into it (dropping those pages would bring
-    back the file's bytes)."""
+    back the file's bytes); the same from /proc/self/pagemap and, where that cannot be read, from smaps."""
     import torch
     from conftest import tiny_model
     from transformers import AutoModelForCausalLM
 
+    from converter import load
     from converter.load import unmap_clean_checkpoint_pages
+
+    if source == "smaps":
+        monkeypatch.setattr(load, "_page_kinds", lambda start, end: None)
+    else:  # pagemap is readable here, so smaps must not be needed
+        monkeypatch.setattr(load, "_unmap_clean_by_smaps", lambda: pytest.fail("smaps read although pagemap works"))
 
     tiny_model("llama", vocab_size=8192, tie=False).save_pretrained(tmp_path / "ckpt")  # ~4.6 MB of weights
     unmap_clean_checkpoint_pages()  # whatever earlier tests left mapped

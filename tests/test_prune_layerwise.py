@@ -202,10 +202,11 @@ def test_dense_propagation_calibrates_every_layer_on_the_original_model_in_one_p
         for h in hs:
             h.remove()
         calls[propagate] = count
-    # 5 windows in batches of 2: 3 batches of two sizes. The capture pass before the walk enters layer 0 once per
-    # batch and every later layer once per batch size (stopping at the last one's entrance).
+    # 5 windows in batches of 2: 3 batches of two sizes. The capture pass before the walk enters layer 0 once to
+    # learn how layers return (one token), then once per batch, and every later layer once per batch size
+    # (stopping at the last one's entrance).
     batches, n = 3, len(layers)
-    capture = [batches] + [2] * (n - 1)
+    capture = [1 + batches] + [2] * (n - 1)
     assert calls["pruned"] == [c + 2 * batches for c in capture[:-1]] + [capture[-1] + batches]
     assert calls["dense"] == [c + batches for c in capture]
     if method != "wanda":
@@ -321,7 +322,9 @@ def _same(a, b) -> bool:
 def test_capture_with_idle_layers_records_what_real_layers_do_in_every_family(monkeypatch):
     """The capture pass replaces every layer's computation by returning its input; for every family langconvert
     supports, the layer-0 inputs and every layer's call arguments must equal those of a pass through the real
-    layers (window length 24 > the tiny Gemma's sliding window, 5 windows in batches of 2 and a last one of 1)."""
+    layers (window length 24 > the tiny Gemma's sliding window, 5 windows in batches of 2 and a last one of 1).
+    Five layers: a model that indexes a layer's tuple output would take an idle layer's bare tensor apart one
+    dimension per layer and fail only from the fourth layer on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from converter.arch import supported_model_types
@@ -331,11 +334,13 @@ def test_capture_with_idle_layers_records_what_real_layers_do_in_every_family(mo
     for mt in supported_model_types():
         if mt in OTHER_LAYOUTS:
             torch.manual_seed(0)
-            cfg = AutoConfig.for_model(mt, vocab_size=VOCAB, **OTHER_LAYOUTS[mt])
+            layout = {k: (5 if k in ("n_layer", "num_hidden_layers", "num_layers") else v) for k, v in OTHER_LAYOUTS[mt].items()}
+            cfg = AutoConfig.for_model(mt, vocab_size=VOCAB, **layout)
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
         else:
-            model = tiny_model(mt, VOCAB)
+            model = tiny_model(mt, VOCAB, layers=5)
         layers = Arch.of(model).decoder_layers()
+        assert len(layers) == 5, mt
         windows = calib_of(n=5).windows
         used: list[bool] = []
         monkeypatch.setattr(layerwise, "_forward_with_idle_layers", lambda *a, used=used: used.append(real_idle(*a)) or used[-1])

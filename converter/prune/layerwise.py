@@ -143,13 +143,16 @@ def _split_hidden(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, _L
 
 
 def _capture(
-    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int, compute=contextlib.nullcontext
 ) -> tuple[list[torch.Tensor], dict[int, list[_LayerCall]]]:
-    """Layer-0 inputs for every batch (CPU), and each layer's call arguments per distinct batch size."""
+    """Layer-0 inputs for every batch (CPU), and each layer's call arguments per distinct batch size. ``compute``:
+    the context the walk's layers run in (_autocast), for the one real layer call here."""
     n_layers = len(layers)
     model_device = next(model.parameters()).device
     states: list[torch.Tensor] = []
     calls_by_size: dict[int, list[_LayerCall]] = {}
+    with compute():  # before any recording hook
+        extra = _output_extras(model, layers, windows[:1, :1].to(model_device))
     for ids in windows.split(batch_size):
         bsz = ids.shape[0]
         need_calls = bsz not in calls_by_size
@@ -173,7 +176,7 @@ def _capture(
         try:
             if not need_calls:
                 _forward_until_stopped(model, ids)
-            elif not _forward_with_idle_layers(model, layers, ids):
+            elif not _forward_with_idle_layers(model, layers, ids, extra):
                 # the model's own code between layers needed real outputs: record again with real layers
                 del states[before:]
                 calls[:] = [None] * n_layers
@@ -202,14 +205,18 @@ def _forward_until_stopped(model: nn.Module, ids: torch.Tensor) -> None:
         pass
 
 
-def _forward_with_idle_layers(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> bool:
+def _forward_with_idle_layers(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, extra: int | None) -> bool:
     """The model's forward with every decoder layer's computation replaced by returning its input: the
     pre-hooks still record each layer's call arguments (masks and rotary tables come from the model's forward
-    before the layer loop, not from the layers' outputs), and the batch costs no layer work. False if the
-    forward failed that way; the caller then records with the real layers."""
+    before the layer loop, not from the layers' outputs), and the batch costs no layer work. ``extra``: how the
+    real layers return (_output_extras); an idle layer returns the same way. False if the forward failed that
+    way; the caller then records with the real layers."""
+
+    if extra is None:
+        return False
 
     def idle(hidden_states=None, *args: Any, **kwargs: Any) -> Any:
-        return hidden_states
+        return hidden_states if extra < 0 else (hidden_states,) + (None,) * extra
 
     for layer in layers:
         layer.forward = idle
@@ -222,6 +229,26 @@ def _forward_with_idle_layers(model: nn.Module, layers: nn.ModuleList, ids: torc
     finally:
         for layer in layers:
             del layer.forward
+
+
+def _output_extras(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> int | None:
+    """How a decoder layer returns its hidden states, so that an idle layer returns them the same way: -1 for the
+    bare tensor (transformers 5), n >= 0 for a tuple with n more entries after it (transformers 4's
+    ``(hidden_states,)``). Found by running real layer 0 on ``ids`` (one token is enough); None if that fails."""
+    form: list[int] = []
+
+    def record(_mod: nn.Module, _args: tuple, out: Any) -> None:
+        form.append(len(out) - 1 if isinstance(out, (tuple, list)) else -1)
+        raise _StopForward
+
+    handle = layers[0].register_forward_hook(record)
+    try:
+        _forward_until_stopped(model, ids)
+    except Exception as exc:  # noqa: BLE001 - the caller then records with the real layers
+        log.debug("prune: probing the layers' output form failed (%s)", exc)
+    finally:
+        handle.remove()
+    return form[0] if form else None
 
 
 class _ByKind:
@@ -344,7 +371,9 @@ def prune(
                 "prune: compute_dtype bfloat16 on a CPU without bfloat16 matrix units (AMX or AVX512-BF16) runs "
                 "the calibration passes slower than float32; set prune.compute_dtype: float32 on this machine"
             )
-        states, calls_cpu = _capture(model, layers, windows.long(), cfg.batch_size)
+        states, calls_cpu = _capture(
+            model, layers, windows.long(), cfg.batch_size, lambda: _autocast(device, cfg.compute_dtype)
+        )
     # wanda: run layers only up to the last one that is pruned; nothing after it needs activations
     last_needed = max(to_prune) if (wanda and to_prune) else -1
 
@@ -387,9 +416,9 @@ def prune(
                 w = lin.weight.data  # (out_features, in_features)
                 acc = hess.of[name]
                 if id(acc) not in factors:
-                    factors[id(acc)] = inverse_hessian_factor(acc.h, cfg.sparsegpt_damp)
+                    factors[id(acc)] = inverse_hessian_factor(acc.symmetric(), cfg.sparsegpt_damp)
                 new, _keep = sparsegpt(
-                    w, acc.h, cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp,
+                    w, acc.symmetric(), cfg.sparsity, cfg.nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp,
                     factor=factors[id(acc)],
                 )
                 # a new tensor, not a write into the old one: the checkpoint's mapped pages stay clean, so

@@ -24,7 +24,7 @@ class HessianAccumulator:
 
     Each batch adds only the upper triangle's blocks, in up to 4 strips of rows (for 2048 inputs: 10/16 of the
     products of a full X^T X, measured 35% faster), into a float32 sum in place (one addmm per strip, no float64
-    copy of each batch's product); ``h`` mirrors it into the full symmetric matrix in float64."""
+    copy of each batch's product); ``symmetric()`` mirrors it into the full symmetric matrix, ``h`` in float64."""
 
     def __init__(self, in_features: int, device: str | torch.device = "cpu", compute_dtype: str = "float32") -> None:
         self.in_features = in_features
@@ -49,10 +49,15 @@ class HessianAccumulator:
 
     @property
     def h(self) -> torch.Tensor:
-        """The symmetric (in, in) float64 Hessian."""
+        """The symmetric (in, in) Hessian in float64."""
+        return self.symmetric().double()
+
+    def symmetric(self) -> torch.Tensor:
+        """The symmetric (in, in) Hessian in float32, the precision its sums have (prune's factorisation takes it
+        as it is; a float64 copy of a 2048-wide one costs 30 ms a linear)."""
         if self._full is None:
-            upper = self._upper.double()
-            self._full = torch.triu(upper) + torch.triu(upper, diagonal=1).T
+            upper = torch.triu(self._upper)
+            self._full = upper + torch.triu(upper, diagonal=1).T
         return self._full
 
 
@@ -60,21 +65,25 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
     """(U, dead): the upper Cholesky factor of (H + damp·I)^-1 in float32, and the dead columns (H_jj = 0, which
     get H_jj = 1 before dampening). Linears that share a Hessian share this too.
 
-    The factorisations run in float32, as in the paper's implementation (half the time of float64 for the
-    2048-wide down-projections); a Hessian that float32 finds not positive definite is factored again in
-    float64."""
+    U comes from one factorisation of H, not of H^-1: with J the order-reversing permutation and J H J = L Lᵀ,
+    H^-1 = J L^-ᵀ L^-1 J = Uᵀ U for U = J L^-1 J, which is upper triangular with a positive diagonal, so it is
+    the Cholesky factor (unique). One Cholesky and one triangular inverse instead of Cholesky, inverse and
+    Cholesky again: 2.3x faster for the 2048-wide down-projections, and H^-1 is never formed.
+
+    The factorisation runs in float32, as in the paper's implementation; a Hessian that float32 finds not
+    positive definite is factored again in float64."""
     cols = hessian.shape[0]
-    h = hessian.detach().double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += percdamp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
+    dead = torch.diagonal(hessian) == 0
     for dtype in (torch.float32, torch.float64):
-        try:
-            u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.to(dtype))), upper=True)
-        except torch.linalg.LinAlgError:
-            if dtype == torch.float64:
-                raise
+        h = hessian.detach().to(dtype, copy=True)
+        h[dead, dead] = 1.0
+        diag = torch.diagonal(h)
+        diag += percdamp * diag.mean()
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        if int(info) != 0:
             continue
+        eye = torch.eye(cols, dtype=dtype, device=h.device)
+        u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
         if bool(torch.isfinite(u).all()):
             return u.float(), dead
     raise torch.linalg.LinAlgError("the dampened Hessian is not positive definite in float64 either")
@@ -107,30 +116,33 @@ def sparsegpt(
     keep_t = torch.ones(cols, rows, dtype=torch.bool, device=wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
+        n = i2 - i1
         w1 = wt[i1:i2].clone()  # (block, rows)
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diagonal(hinv1)
+        d = torch.diagonal(hinv1).unsqueeze(1)  # (block, 1)
         if nm is None:
-            score = w1.square() / d.square().unsqueeze(1)
             # the k lowest of the block, ties in the weight's own (row, column) order
+            score = w1.square() / d.square()
             k = int(score.numel() * sparsity)
-            pruned = lowest_k(score.t().flatten(), k).view(rows, i2 - i1).t().contiguous()
+            pruned = lowest_k(score.t().flatten(), k).view(rows, n).t().contiguous()
+            scale = pruned / d  # (block, rows): 1/[H^-1]_jj where pruned, 0 where kept
         else:
             pruned = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
+            scale = torch.zeros_like(w1)
+        err1 = torch.empty_like(w1)
+        # Column i's error e = (w - q) / [H^-1]_ii is its pruned entries over the diagonal (q keeps the rest as
+        # they are), and it moves only the columns after i; column i itself then holds the weights its kept
+        # entries end with, and q1 is the block with the pruned entries zeroed.
+        for i in range(n):
             if nm is not None and i % nm[1] == 0:
-                s = w1[i : i + nm[1]].square() / d[i : i + nm[1]].square().unsqueeze(1)  # (M, rows)
+                s = w1[i : i + nm[1]].square() / d[i : i + nm[1]].square()  # (M, rows)
                 idx = torch.argsort(s.t(), dim=1, stable=True)[:, : nm[0]]
                 pruned[i : i + nm[1]].t().scatter_(1, idx, True)
-            col = w1[i]
-            q = col.masked_fill(pruned[i], 0.0)
-            q1[i] = q
-            e = (col - q) / hinv1[i, i]
-            w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)
-            err1[i] = e
-        wt[i1:i2] = q1
+                scale[i : i + nm[1]] = pruned[i : i + nm[1]] / d[i : i + nm[1]]
+            torch.mul(w1[i], scale[i], out=err1[i])
+            if i + 1 < n:
+                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err1[i], alpha=-1.0)
+        wt[i1:i2] = w1.masked_fill_(pruned, 0.0)
         keep_t[i1:i2] = ~pruned
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     keep = keep_t.t().contiguous() & ~dead.unsqueeze(0)
