@@ -160,6 +160,11 @@ def test_top_words_keeps_the_tokens_of_frequent_words_and_caps_rarest_first():
         assert t in {tok.id_to_token(i) for i in ids}, t
     assert pos[vocab["Ġthe"]] < pos[vocab["Ġgovernment"]]  # ranked by word frequency
     assert [t for t, _ in spellings("seoul")] == [" seoul", " Seoul", "Seoul"]
+    # letter runs: an elongated word and Roman numerals keep their run tokens ('OOOOOOOO', 'OO', 'ĠIII')
+    for text in ("NOOOOOOOOOO", " III", " sooooo"):
+        assert set(tok.encode(text).ids) <= set(ids), text
+    # ... weighted as the list's 1,000th word, so a cap drops them after the rarest words' tokens
+    assert max(pos[vocab[t]] for t in ("OOOOOOOO", "ĠIII", "oooo")) < len(ids) - 500
     tj = json.loads(tok.to_str())
     full = select_ids(tj, Counter(), words=ids)
     assert full.policies["top_words"] == len(set(ids)) and set(ids) <= set(full.kept)

@@ -57,15 +57,35 @@ def spellings(word: str) -> list[tuple[str, float]]:
     return list(out.items())
 
 
+RUN_LENGTHS = range(2, 17)  # letter runs tokenized by letter_runs: "oo" to 16 of a letter
+RUN_RANK = 1000  # letter runs weigh as much as the list's 1,000th word
+
+
+def letter_runs(words: list[str]) -> list[str]:
+    """One letter repeated 2 to 16 times, for every letter of the word list, lower and upper case, alone and
+    after a space: the spellings of elongated words ("nooooo", "YESSSS") and Roman numerals ("II", "III") that
+    no word list holds. A tokenizer's run tokens ('OO', 'OOOO', 'ĠIII') are few (204 ASCII ones in Gemma 3's
+    262,144), and without them one elongated word falls apart into single letters."""
+    letters = sorted({c for w in words for c in w if c.isalpha()} | {c.upper() for w in words for c in w if c.isalpha()})
+    return [pre + c * k for c in letters for k in RUN_LENGTHS for pre in ("", " ")]
+
+
 def word_ids(encode: Encode, tag: str, n: int) -> list[int]:
     """Ids of the ``n`` most frequent words' spellings, each id once, ordered by the estimated frequency of the
-    id in running text (the sum over spellings of word frequency x spelling share x occurrences in it)."""
+    id in running text (the sum over spellings of word frequency x spelling share x occurrences in it), and of
+    the language's letter runs (``letter_runs``), which weigh as much as the list's RUN_RANK-th word."""
     texts: list[str] = []
     weights: list[float] = []
-    for w, f in top_words(tag, n):
+    listed = top_words(tag, n)
+    for w, f in listed:
         for text, share in spellings(w):
             texts.append(text)
             weights.append(f * share)
+    if listed:
+        run_weight = listed[min(RUN_RANK, len(listed)) - 1][1]
+        runs = letter_runs([w for w, _f in listed])
+        texts += runs
+        weights += [run_weight] * len(runs)
     score: dict[int, float] = {}
     for ids, wt in zip(encode_all(encode, texts), weights, strict=True):
         for i in ids:
