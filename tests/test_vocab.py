@@ -164,6 +164,9 @@ def test_top_words_keeps_the_tokens_of_frequent_words_and_caps_rarest_first():
     for text in ("NOOOOOOOOOO", " III", " sooooo"):
         assert set(tok.encode(text).ids) <= set(ids), text
     # ... weighted as the list's 1,000th word, so a cap drops them after the rarest words' tokens
+    from converter.vocab.words import letter_runs
+
+    assert letter_runs(["한국어", "中文"]) == [] and len(letter_runs(["ab"])) == 4 * 15 * 2
     assert max(pos[vocab[t]] for t in ("OOOOOOOO", "ĠIII", "oooo")) < len(ids) - 500
     tj = json.loads(tok.to_str())
     full = select_ids(tj, Counter(), words=ids)

@@ -53,8 +53,8 @@ class HessianAccumulator:
         return self.symmetric().double()
 
     def symmetric(self) -> torch.Tensor:
-        """The symmetric (in, in) Hessian in float32, the precision its sums have (prune's factorisation takes it
-        as it is; a float64 copy of a 2048-wide one costs 30 ms a linear)."""
+        """The symmetric (in, in) Hessian in float32, the precision its sums have; prune's factorisation takes it
+        as it is."""
         if self._full is None:
             upper = torch.triu(self._upper)
             self._full = upper + torch.triu(upper, diagonal=1).T
@@ -68,7 +68,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
     U comes from one factorisation of H, not of H^-1: with J the order-reversing permutation and J H J = L Lᵀ,
     H^-1 = J L^-ᵀ L^-1 J = Uᵀ U for U = J L^-1 J, which is upper triangular with a positive diagonal, so it is
     the Cholesky factor (unique). One Cholesky and one triangular inverse instead of Cholesky, inverse and
-    Cholesky again: 2.3x faster for the 2048-wide down-projections, and H^-1 is never formed.
+    Cholesky again (the 72 factorisations of a Gemma 3 270M prune: 4.8 s -> 3.1 s under cProfile), and H^-1 is
+    never formed.
 
     The factorisation runs in float32, as in the paper's implementation; a Hessian that float32 finds not
     positive definite is factored again in float64."""

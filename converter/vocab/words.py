@@ -65,8 +65,10 @@ def letter_runs(words: list[str]) -> list[str]:
     """One letter repeated 2 to 16 times, for every letter of the word list, lower and upper case, alone and
     after a space: the spellings of elongated words ("nooooo", "YESSSS") and Roman numerals ("II", "III") that
     no word list holds. A tokenizer's run tokens ('OO', 'OOOO', 'ĠIII') are few (204 ASCII ones in Gemma 3's
-    262,144), and without them one elongated word falls apart into single letters."""
-    letters = sorted({c for w in words for c in w if c.isalpha()} | {c.upper() for w in words for c in w if c.isalpha()})
+    262,144), and without them one elongated word falls apart into single letters. Only letters with case
+    (Latin, Cyrillic, Greek, ...): a syllabary or Han would give thousands of characters and no such runs."""
+    cased = {c for w in words for c in w if c.isalpha() and c.lower() != c.upper()}
+    letters = sorted(cased | {c.upper() for c in cased} | {c.lower() for c in cased})
     return [pre + c * k for c in letters for k in RUN_LENGTHS for pre in ("", " ")]
 
 
