@@ -60,6 +60,27 @@ for _lin in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"
     VARIANTS[f"int8 block 64, mse scales, {_lin.split('.')[-1]} int4"] = {
         "quantize": "int8", "block_size": 64, "scale_search": "mse", "linear_bits": {f"model.layers.*.{_lin}": 4}
     }
+    VARIANTS[f"int8 block 64, mse scales, {_lin.split('.')[-1]} int4, GPTQ"] = {
+        **VARIANTS[f"int8 block 64, mse scales, {_lin.split('.')[-1]} int4"], "gptq": True
+    }
+
+# attention projections at 4 bits with GPTQ codes, the rest int8
+for _names in (("q_proj", "k_proj", "v_proj"), ("q_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")):
+    VARIANTS[f"int8 block 64, mse scales, {'+'.join(_names)} int4, GPTQ"] = {
+        "quantize": "int8", "block_size": 64, "scale_search": "mse", "gptq": True,
+        "linear_bits": {f"model.layers.*.self_attn.{n}": 4 for n in _names},
+    }
+
+# the release's own export settings (its manifest's recipe), e.g. korean.yaml's mix of 8- and 4-bit linears
+VARIANTS["the release's recipe"] = None
+
+
+def _recipe_export(release: Path) -> dict:
+    import json
+
+    exp = json.loads((release / "manifest.json").read_text())["recipe"]["export"]
+    keys = ("quantize", "block_size", "scale_search", "accuracy_level", "lm_head_bits", "gptq", "linear_bits")
+    return {k: exp[k] for k in keys if k in exp}
 
 
 def _gptq(release: Path, cfg, work: Path):
@@ -118,7 +139,7 @@ def main() -> None:
         decs, sizes, bpb, top1 = {}, {}, {}, {}
         for name, opts in variants.items():
             out = Path(tmp) / str(len(decs))
-            cfg = ExportConfig(context_length=2048, **opts)
+            cfg = ExportConfig(context_length=2048, **(opts if opts is not None else _recipe_export(args.release)))
             codes = _gptq(args.release, cfg, out) if cfg.gptq else None
             res = export_onnx(model_dir, out / "onnx", cfg, out / "w", gptq=codes)
             shutil.rmtree(out / "w", ignore_errors=True)

@@ -479,8 +479,8 @@ class ExportConfig(_Strict):
         default=False,
         description="With int8/int4: choose the layers' codes by GPTQ on the calibration text (each input "
         "column's rounding error spread over the columns not yet quantized, through the inverse Hessian of the "
-        "layer's inputs; scales as scale_search picks them) instead of rounding to nearest; the lm_head and "
-        "embedding keep round to nearest. A stage of its own after prune; needs a language with calibrate: true.",
+        "layer's inputs; scales as scale_search picks them) instead of rounding to nearest, each linear at its "
+        "own bits (export.linear_bits); the lm_head and embedding keep round to nearest. A stage of its own after prune; needs a language with calibrate: true.",
     )
     int8_reduce_range: bool = Field(
         default=True,

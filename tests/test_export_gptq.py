@@ -94,24 +94,61 @@ def test_artifact_computes_the_gptq_codes(mt, tmp_path):
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_linears_given_other_bits_get_no_gptq_codes_and_the_export_rounds_them(tmp_path, caplog):
-    """export.gptq with export.linear_bits: the down-projections at 8 bits take no 4-bit GPTQ codes; the export
-    rounds them at 8 bits, every other layer MatMul reads its codes, and nothing is reported as missed."""
+@pytest.mark.parametrize(
+    "base, own, names, rounded",
+    [
+        (4, 8, ["mlp.down_proj"], []),
+        (8, 4, ["self_attn.o_proj", "mlp.down_proj"], []),
+        # the genai builder packs Llama's q/k/v into one MatMul, which takes the most bits among them (8): the
+        # 4-bit codes of q_proj do not fit it, so that MatMul is rounded at 8 bits
+        (8, 4, ["self_attn.q_proj", "self_attn.o_proj"], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ],
+)
+def test_linears_given_other_bits_get_gptq_codes_at_those_bits(base, own, names, rounded, tmp_path, caplog):
+    """export.gptq with export.linear_bits: the linears a pattern gives other bits get GPTQ codes at those bits
+    (int4 with 8-bit down-projections; int8 with some 4-bit linears, as the Korean recipe mixes them), every
+    layer MatMul reads the codes chosen at its bits, and the artifact computes exactly those dequantized codes."""
     model = tiny_model("llama", VOCAB, tie=False)
-    lb = {"model.layers.*.mlp.down_proj": 8}
-    cfg = ExportConfig(format="genai", quantize="int4", accuracy_level=0, block_size=32, gptq=True, linear_bits=lb)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lb = {f"model.layers.*.{n}": own for n in names}
+    cfg = ExportConfig(
+        format="genai", quantize=f"int{base}", accuracy_level=0, block_size=32, gptq=True, linear_bits=lb
+    )
     res = gptq_codes(loaded_of(model), _calib(n=8, seq_len=32), cfg, "cpu", tmp_path)
     n_layers = len(model.model.layers)
-    assert res.linears == 6 * n_layers
-    codes = res.load()
+    assert res.linears == 7 * n_layers
+    assert res.by_bits == {own: len(names) * n_layers, base: (7 - len(names)) * n_layers}
+    codes, bits_of = res.load(), res.bits_of()
     for layer in model.model.layers:
-        assert weight_key(layer.mlp.down_proj.weight.detach().numpy().T) not in codes
-        assert weight_key(layer.mlp.up_proj.weight.detach().numpy().T) in codes
+        for name, lin in layer.named_modules():
+            if isinstance(lin, torch.nn.Linear):
+                key = weight_key(lin.weight.detach().numpy().T)
+                b = own if name in names else base
+                assert bits_of[key] == b, name
+                assert codes[key][0].min() >= -(2 ** (b - 1)) and codes[key][0].max() <= 2 ** (b - 1) - 1, name
     ckpt = _save_checkpoint(model, tmp_path / "hf")
     with caplog.at_level("WARNING"):
         out = export_onnx(ckpt, tmp_path / "onnx", cfg, tmp_path / "work", gptq=res)
     q = out.quantization
-    assert q["matmuls_by_bits"]["8"] == n_layers  # the down-projections
-    assert q["matmuls_with_linear_bits"] == n_layers
-    assert q["matmuls_with_calibrated_codes"] == q["matmuls_by_bits"]["4"] - 1  # all but the rounded lm_head
-    assert "matched no GPTQ codes" not in caplog.text
+    n_matmuls = sum(q["matmuls_by_bits"].values())
+    packed = 1 if rounded else 0  # the q/k/v MatMul, rounded
+    assert q["matmuls_by_bits"][str(own)] == (len(names) - packed) * n_layers
+    assert q["matmuls_with_calibrated_codes"] == n_matmuls - 1 - packed * n_layers  # all but the lm_head
+    assert ("matched no GPTQ codes at their bits" in caplog.text) == bool(rounded)
+    ref = tiny_model("llama", VOCAB, tie=False)
+    ref.load_state_dict(before)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for name, lin in layer.named_modules():
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                w = lin.weight.detach().numpy()
+                c, sc = block_quantize(w.T, base, 32) if name in rounded else codes[weight_key(w.T)]
+                lin.weight.copy_(torch.from_numpy(dequantize(c, sc, w.shape[1], 32).T))
+        for mod in (ref.lm_head, ref.model.embed_tokens):  # untied: each rounded at export.quantize's bits
+            w = mod.weight.detach().numpy()
+            mod.weight.copy_(torch.from_numpy(dequantize(*block_quantize(w.T, base, 32), w.shape[1], 32).T))
+        ids = _ids(3)
+        want = ref(ids).logits[0]
+    got = torch.from_numpy(open_artifact(out.onnx_dir).logits(ids[0].tolist()))
+    assert (got - want).abs().max().item() < 1e-4

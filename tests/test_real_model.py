@@ -81,6 +81,10 @@ def test_korean_release_passes_its_gates(korean_release):
     en = rep["quality"]["en"]
     assert en["artifact"]["bpb"] <= 1.15 * en["original"]["bpb"]
     assert rep["export"]["format"] == "genai" and rep["export"]["quantize"] == "int8"
+    # the recipe's mix: GPTQ codes for every layer MatMul, 29 of them at 4 bits; no larger than 143 MB
+    quant = rep["export"]["quantization"]
+    assert quant["matmuls_by_bits"] == {"4": 29, "8": 98} and quant["matmuls_with_calibrated_codes"] == 126
+    assert size["after"]["onnx_bytes"] <= 143e6
     md = (out / "report.md").read_text()
     assert "| vocabulary | 262,144 |" in md and "decode tokens/s" in md
 

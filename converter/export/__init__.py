@@ -122,6 +122,7 @@ def export_onnx(
                     scale_search=cfg.scale_search,
                     codes_for=gptq.load() if gptq is not None else None,
                     bits_for=bits_for,
+                    codes_bits=gptq.bits_of() if gptq is not None else None,
                 )
             copy_non_onnx(float_dir, tmp)
 

@@ -20,7 +20,8 @@ linears are quantized from the inputs of the already-quantized layers before it 
 the quantized weights), and then the layer's float weights are put back, so the checkpoint that ships stays
 float and validation still measures the quantization's cost against it. The result maps each weight, by a
 digest of its float values as the ONNX graph stores them (``(in, out)``, float32), to its codes and scales;
-the export reads them instead of rounding to nearest. The lm_head and embedding keep round-to-nearest.
+the export reads them instead of rounding to nearest. A linear that export.linear_bits gives other bits gets
+its codes at those bits. The lm_head and embedding keep round-to-nearest.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class GptqResult:
     bits: int
     block_size: int
     linears: int = 0
+    by_bits: dict[int, int] = field(default_factory=dict)  # bits -> linears (export.linear_bits mixes them)
     seconds: float = 0.0
     error_ratio: dict[str, float] = field(default_factory=dict)  # layer -> GPTQ / round-to-nearest output error
 
@@ -151,9 +153,12 @@ class GptqResult:
         ratios = list(self.error_ratio.values())
         mean = sum(ratios) / len(ratios) if ratios else 1.0
         return {
-            "headline": f"GPTQ int{self.bits} codes for {self.linears} linears, layer output error "
+            "headline": f"GPTQ codes for {self.linears} linears ("
+            + ", ".join(f"{n} at {b} bits" for b, n in sorted(self.by_bits.items(), reverse=True))
+            + "), layer output error "
             f"{mean:.2f}x round-to-nearest's",
             "bits": self.bits,
+            "linears_by_bits": {str(b): n for b, n in sorted(self.by_bits.items())},
             "block_size": self.block_size,
             "linears": self.linears,
             "seconds": round(self.seconds, 3),
@@ -163,6 +168,11 @@ class GptqResult:
     def load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         with np.load(self.path) as z:
             return {k[: -len(".codes")]: (z[k], z[k[: -len(".codes")] + ".scales"]) for k in z.files if k.endswith(".codes")}
+
+    def bits_of(self) -> dict[str, int]:
+        """Per weight key, the bits its codes were chosen for."""
+        with np.load(self.path) as z:
+            return {k[: -len(".bits")]: int(z[k]) for k in z.files if k.endswith(".bits")}
 
 
 @torch.no_grad()
@@ -204,34 +214,32 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
                 hd.remove()
             acc.new_batch()
         hess = {name: acc.of[name].h for name in linears}
-        floats = {name: lin.weight.data.clone() for name, lin in linears.items()}
+        # the weights themselves, not copies: the walk swaps each for its dequantized codes and puts it back,
+        # so weights still mapped from the checkpoint are never written (their pages stay clean, unmappable)
+        floats = {name: lin.weight.data for name, lin in linears.items()}
         err_g = err_r = 0.0
         for name, lin in linears.items():
             w = floats[name].cpu()
             hits = matching_patterns(full_name.get(id(lin), name), own_bits)
-            if hits and own_bits[hits[-1]] != bits:
-                # export.linear_bits gives this linear other bits: the export rounds it to nearest at those, so
-                # the layers after it are calibrated on that
-                b = own_bits[hits[-1]]
-                codes, scales = block_quantize(w.float().numpy().T, b, cfg.block_size, cfg.scale_search)
-                deq = dequantize(codes, scales, w.shape[1], cfg.block_size).T
-                lin.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
-                continue
-            codes, scales = gptq_quantize(w, hess[name], bits, cfg.block_size, cfg.scale_search, act_order=True)
+            # export.linear_bits may give this linear other bits than export.quantize's: GPTQ at its own bits
+            b = own_bits[hits[-1]] if hits else bits
+            codes, scales = gptq_quantize(w, hess[name], b, cfg.block_size, cfg.scale_search, act_order=True)
             key = weight_key(w.float().numpy().T)
             arrays[key + ".codes"], arrays[key + ".scales"] = codes, scales
-            rtn_codes, rtn_scales = block_quantize(w.float().numpy().T, bits, cfg.block_size, cfg.scale_search)
+            arrays[key + ".bits"] = np.array(b, np.int8)
+            rtn_codes, rtn_scales = block_quantize(w.float().numpy().T, b, cfg.block_size, cfg.scale_search)
             err_g += output_error(w, hess[name], codes, scales, cfg.block_size)
             err_r += output_error(w, hess[name], rtn_codes, rtn_scales, cfg.block_size)
             deq = dequantize(codes, scales, w.shape[1], cfg.block_size).T  # (out, in)
-            lin.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+            lin.weight.data = torch.from_numpy(np.ascontiguousarray(deq)).to(w.dtype).to(floats[name].device)
             result.linears += 1
-        if err_r > 0:  # a layer whose every linear has other bits (export.linear_bits) has no GPTQ ratio
+            result.by_bits[b] = result.by_bits.get(b, 0) + 1
+        if err_r > 0:
             result.error_ratio[str(i)] = err_g / err_r
         if i < len(layers) - 1:  # the next layer sees what the quantized layer computes
             walk.advance()
         for name, lin in linears.items():
-            lin.weight.data.copy_(floats[name])  # the checkpoint ships float
+            lin.weight.data = floats[name]  # the checkpoint ships float
         log.info(
             "gptq: layer %d/%d, %d linears, output error %.2fx round-to-nearest's",
             i,

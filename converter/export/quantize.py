@@ -143,13 +143,14 @@ def weight_only_quantize(
     scale_search: str = "absmax",
     codes_for: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     bits_for: dict[str, tuple[int, int]] | None = None,
+    codes_bits: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Replace every float MatMul with a constant 2-D weight by MatMulNBits, in place; share a tied embedding.
 
     The lm_head is the MatMul that writes the graph's ``logits`` output (directly or through elementwise ops);
     it gets ``head_bits`` (default: ``bits``). ``codes_for``: precomputed (codes, scales) per weight, keyed by
-    gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never), for weights
-    quantized at ``bits``. ``bits_for``: export.linear_bits resolved by ``bits_by_weight`` (every 2-D weight of
+    gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never) where they
+    were chosen at the MatMul's bits (``codes_bits``: per key, those bits; ``bits`` for keys it lacks). ``bits_for``: export.linear_bits resolved by ``bits_by_weight`` (every 2-D weight of
     the checkpoint, with its bits where a pattern gave it some); a weight the exporter packed from several linears
     takes the most bits among them, ``bits`` for the unmatched ones. A pattern none of whose linears reaches a
     quantized MatMul (an embedding, the lm_head, a weight the exporter changed) is a RecipeError. Returns what
@@ -170,7 +171,7 @@ def weight_only_quantize(
     weight_bytes = 0
     precomputed = 0
     mixed = 0  # MatMuls whose bits bits_for changed
-    missed = 0  # MatMuls at ``bits`` without precomputed codes
+    missed = 0  # layer MatMuls without precomputed codes at their bits
     used_patterns: set[str] = set()
     head_info: dict[str, Any] = {}
     nodes = list(model.graph.node)
@@ -189,8 +190,12 @@ def weight_only_quantize(
             if chosen != bits:
                 nb = chosen
                 mixed += 1
-        looked_up = bool(codes_for) and node is not head and nb == bits
-        pre = _precomputed(w, codes_for, block_size) if looked_up else None
+        looked_up = bool(codes_for) and node is not head
+        pre = None
+        if looked_up:
+            # only codes chosen at this MatMul's bits: a weight packed from linears of mixed bits is rounded
+            table = {key: e for key, e in codes_for.items() if (codes_bits or {}).get(key, bits) == nb}
+            pre = _precomputed(w, table, block_size)
         if pre is not None:
             codes, scales = pre
             precomputed += 1
@@ -251,8 +256,9 @@ def weight_only_quantize(
             )
     if codes_for and missed:
         log.warning(
-            "export: %d MatMul weights matched no GPTQ codes (their float values differ from the checkpoint's) "
-            "and were rounded to nearest",
+            "export: %d MatMul weights matched no GPTQ codes at their bits (their float values differ from the "
+            "checkpoint's, or the exporter packed linears of different export.linear_bits into one) and were "
+            "rounded to nearest",
             missed,
         )
     emb_bits = head_bits or bits
