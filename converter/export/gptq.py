@@ -152,13 +152,15 @@ class GptqResult:
     def summary(self) -> dict[str, Any]:
         ratios = list(self.error_ratio.values())
         mean = sum(ratios) / len(ratios) if ratios else 1.0
+        # a result resumed from a run before linears were counted by bits had them all at self.bits
+        by_bits = getattr(self, "by_bits", None) or {self.bits: self.linears}
         return {
             "headline": f"GPTQ codes for {self.linears} linears ("
-            + ", ".join(f"{n} at {b} bits" for b, n in sorted(self.by_bits.items(), reverse=True))
+            + ", ".join(f"{n} at {b} bits" for b, n in sorted(by_bits.items(), reverse=True))
             + "), layer output error "
             f"{mean:.2f}x round-to-nearest's",
             "bits": self.bits,
-            "linears_by_bits": {str(b): n for b, n in sorted(self.by_bits.items())},
+            "linears_by_bits": {str(b): n for b, n in sorted(by_bits.items())},
             "block_size": self.block_size,
             "linears": self.linears,
             "seconds": round(self.seconds, 3),

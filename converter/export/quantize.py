@@ -150,9 +150,10 @@ def weight_only_quantize(
     The lm_head is the MatMul that writes the graph's ``logits`` output (directly or through elementwise ops);
     it gets ``head_bits`` (default: ``bits``). ``codes_for``: precomputed (codes, scales) per weight, keyed by
     gptq.weight_key of the float weight, used instead of rounding to nearest (the lm_head never) where they
-    were chosen at the MatMul's bits (``codes_bits``: per key, those bits; ``bits`` for keys it lacks). ``bits_for``: export.linear_bits resolved by ``bits_by_weight`` (every 2-D weight of
-    the checkpoint, with its bits where a pattern gave it some); a weight the exporter packed from several linears
-    takes the most bits among them, ``bits`` for the unmatched ones. A pattern none of whose linears reaches a
+    were chosen at the MatMul's bits (``codes_bits``: per key, those bits; ``bits`` for keys it lacks).
+    ``bits_for``: export.linear_bits resolved by ``bits_by_weight`` (every 2-D weight of the checkpoint, with
+    its bits where a pattern gave it some); a weight the exporter packed from several linears takes the most
+    bits among them, ``bits`` for the unmatched ones. A pattern none of whose linears reaches a
     quantized MatMul (an embedding, the lm_head, a weight the exporter changed) is a RecipeError. Returns what
     was done: counts, bits per node, bytes.
     """
