@@ -167,7 +167,7 @@ def _apply_umask_modes(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _return_memory() -> None:
+def return_memory() -> None:
     """Collect garbage (the model builders leave reference cycles holding whole graphs), hand freed heap pages
     back to the OS (glibc's malloc_trim) and unmap the clean checkpoint pages the last stage read, so a stage
     starts from what the run really holds."""
@@ -401,7 +401,7 @@ class Manifest:
         (self.resume_dir / f"{stage}.pkl").unlink(missing_ok=True)
         self._write()
         log.info("%s: started", stage)
-        _return_memory()
+        return_memory()
         entry["rss_start_mb"] = _rss_mb()
         peak = _StagePeak()
         cuda = _cuda_reset()

@@ -29,6 +29,7 @@ import torch
 from converter.calibrate import CalibrationResult
 from converter.lm_eval_hook import LmEvalSuite
 from converter.load import LoadedModel
+from converter.manifest import return_memory
 from converter.recipe import ValidateConfig
 from converter.reference import ReferenceResult, speed_prompts
 
@@ -493,14 +494,16 @@ def validate(
         ref_tops = []
         for e in windows:
             ref = conv_fn(torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long))[0].float().numpy()
-            scratch.write(ref.tobytes())
+            scratch.write(memoryview(np.ascontiguousarray(ref)).cast("B"))  # no bytes copy of the (S, V) array
             shapes.append(ref.shape)
             ref_tops.append(torch.from_numpy(ref).argmax(-1))
             del ref  # one (S, V) array at a time
         speed_texts = speed_prompts(converted.tokenizer, calib, cfg) if reference.speed is not None and targets else None
         conv_fn = None
         converted.release_weights()
-        gc.collect()
+        # freed heap pages back to the OS and the checkpoint's clean pages unmapped before the next model
+        # opens: the artifact and the float export's pass otherwise start ~0.5 GB higher on Gemma 3 270M
+        return_memory()
         # pass 1: the shipped artifact, in its own runtime
         artifact = open_artifact(onnx_dir, runtime)
 
@@ -562,7 +565,7 @@ def validate(
             art_speed = artifact.decode_speed(speed_texts, cfg.speed_new_tokens)
         runtime_name = artifact.runtime
         artifact = art_fn = None
-        gc.collect()
+        return_memory()
 
         # pass 2: the float export in plain onnxruntime, against PyTorch logit by logit. Its session computes from
         # the mapped data file (no packed copy), so a float export larger than the memory left still checks.
