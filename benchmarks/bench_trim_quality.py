@@ -35,6 +35,13 @@ def main() -> None:
     ap.add_argument("--budgets", default="0,12000,16000,30000")
     ap.add_argument("--policy", choices=("top_tokens", "top_words"), default="top_tokens")
     ap.add_argument("--also", default="", help="Comma-separated languages also scored (e.g. ko).")
+    ap.add_argument(
+        "--texts",
+        action="append",
+        default=[],
+        help="LABEL=PATH: also score the first --text-lines non-empty lines of a text file, one document each.",
+    )
+    ap.add_argument("--text-lines", type=int, default=400)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override KEY=VALUE.")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -48,10 +55,20 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     loaded = load_model(recipe.model, recipe.base_dir)
-    calib = calibrate(loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources)
+    calib = calibrate(
+        loaded.tokenizer, recipe.languages, recipe.calibration, recipe.seed, recipe.resolve_sources
+    )
     langs = [args.lang, *[c for c in args.also.split(",") if c]]
+    docs_of = {c: calib.languages[c].heldout_docs for c in langs}
+    for spec in args.texts:
+        label, path = spec.split("=", 1)
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        docs_of[label] = lines[: args.text_lines]
+        langs.append(label)
     seq = recipe.validate_cfg.eval_seq_len
-    base = {c: score_texts(torch_logits_fn(loaded.model), loaded.tokenizer, calib.languages[c].heldout_docs, seq)["bpb"] for c in langs}
+    base = {
+        c: score_texts(torch_logits_fn(loaded.model), loaded.tokenizer, docs_of[c], seq)["bpb"] for c in langs
+    }
     other = "top_words" if args.policy == "top_tokens" else "top_tokens"
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
@@ -65,7 +82,7 @@ def main() -> None:
         fn = torch_logits_fn(trimmed.model)
         per = {}
         for code in langs:
-            docs = calib.languages[code].heldout_docs
+            docs = docs_of[code]
             bpb = score_texts(fn, trimmed.tokenizer, docs, seq)["bpb"]
             par = tokenizer_parity(loaded.tokenizer, trimmed.tokenizer, res.token_map, docs)
             per[code] = (bpb, par["identical"], par["docs"])
@@ -73,6 +90,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     sets = "".join(f" --set {o}" for o in args.overrides)
     also = f" --also {args.also}" if args.also else ""
+    also += "".join(f" --texts {t}" for t in args.texts) + (
+        f" --text-lines {args.text_lines}" if args.texts else ""
+    )
     lines = [
         f"### Trimming alone, `{args.lang}` in {Path(args.recipe).name} ({datetime.now(timezone.utc):%Y-%m-%d}, "
         f"{_cpu()}, {os.cpu_count()} cores)",
@@ -80,7 +100,7 @@ def main() -> None:
         f"`python benchmarks/bench_trim_quality.py --lang {args.lang} --policy {args.policy} --budgets "
         f"{args.budgets}{also}{sets}`: the recipe's vocabulary policies with `{args.lang}`'s `{args.policy}` set "
         f"to each budget (0: corpus tokens only) and `{other}` off, no pruning or quantization; bits per byte on "
-        f"the held-out documents against the untrimmed model ("
+        f"the held-out documents (and the --texts files' lines) against the untrimmed model ("
         + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
         + ").",
         "",
