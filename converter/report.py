@@ -208,6 +208,13 @@ def render_markdown(rep: dict[str, Any], data: dict[str, Any]) -> str:
         if onnx.get("long_prompt_tokens"):
             out.append(f" (including a {onnx['long_prompt_tokens']}-token window)")
         out.append("\n")
+        lm = onnx.get("artifact_lead_moved")
+        if lm:
+            out.append(
+                f"- how far the shipped artifact moves PyTorch's lead of its top-1 over the runner-up (the noise the "
+                f"greedy gates' near-tie margin has to cover): median {lm['median']:.3f}, 90th percentile "
+                f"{lm['p90']:.3f}, 99th {lm['p99']:.3f}, max {lm['max']:.3f} logits over {lm['positions']} positions\n"
+            )
         for label, g in (onnx.get("greedy") or {}).items():
             parts = []
             for key, name in (("onnx_float", "float ONNX"), ("onnx_artifact", "artifact")):

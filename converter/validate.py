@@ -321,6 +321,31 @@ def greedy_verdict(
     return tie, detail
 
 
+def lead_moved(ref_lead: torch.Tensor, ref_top2: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """How far another model's ``logits`` (S, V) move PyTorch's lead at each position: |PyTorch's top-1 logit minus
+    its runner-up (``ref_lead``) - the other model's difference between the same two tokens (``ref_top2``, (S, 2))|."""
+    other = logits.float().gather(1, ref_top2[:, :1]) - logits.float().gather(1, ref_top2[:, 1:])
+    return (ref_lead.float() - other.squeeze(1)).abs()
+
+
+def lead_moved_stats(moved: torch.Tensor) -> dict[str, float]:
+    """Median, 90th and 99th percentile and maximum of ``lead_moved`` over all positions, in logits."""
+    q = torch.quantile(moved.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"median": q[0], "p90": q[1], "p99": q[2], "max": float(moved.max()), "positions": int(moved.numel())}
+
+
+def tie_margin_hint(stats: dict[str, float] | None, tie_margin: float) -> str:
+    """For a failed greedy gate: when the artifact moves PyTorch's lead by more than the recipe's near-tie margin
+    at a tenth of positions or more, where it departs is decided by rounding; say so and name the setting."""
+    if not stats or stats["p90"] <= tie_margin:
+        return ""
+    return (
+        f"; the artifact moves PyTorch's top-1 lead by more than {tie_margin:g} at over a tenth of held-out "
+        f"positions (90th percentile {stats['p90']:.3f} logits), so raise validate.greedy_tie_margin to about "
+        "that if such departures are rounding, or quantize less"
+    )
+
+
 def param_counts(model: Any) -> dict[str, int]:
     seen: set[int] = set()
     total = nonzero = 0
@@ -492,12 +517,15 @@ def validate(
         scratch = tempfile.TemporaryFile(dir=model_dir.parent)
         shapes = []
         ref_tops = []
+        ref_top2 = []  # PyTorch's top-1 and runner-up at each position, and its lead: (S, 2) ids, (S,) logits
         for e in windows:
             ref = conv_fn(torch.tensor([e]), torch.ones(1, len(e), dtype=torch.long))[0].float().numpy()
             scratch.write(memoryview(np.ascontiguousarray(ref)).cast("B"))  # no bytes copy of the (S, V) array
             shapes.append(ref.shape)
             ref_tops.append(torch.from_numpy(ref).argmax(-1))
-            del ref  # one (S, V) array at a time
+            top2 = torch.from_numpy(ref).topk(2, dim=-1)
+            ref_top2.append((top2.indices.clone(), (top2.values[:, 0] - top2.values[:, 1]).clone()))
+            del ref, top2  # one (S, V) array at a time
         speed_texts = speed_prompts(converted.tokenizer, calib, cfg) if reference.speed is not None and targets else None
         conv_fn = None
         converted.release_weights()
@@ -554,10 +582,14 @@ def validate(
 
     if onnx_dir is not None:
         agree_art = [0, 0]
-        for e, ref_top in zip(windows, ref_tops):
-            art_top = torch.from_numpy(artifact.logits(e)).argmax(-1)
-            agree_art[0] += int((ref_top == art_top).sum())
+        moved = []
+        for e, ref_top, (top2_ids, lead) in zip(windows, ref_tops, ref_top2):
+            art_logits = torch.from_numpy(artifact.logits(e))
+            agree_art[0] += int((ref_top == art_logits.argmax(-1)).sum())
             agree_art[1] += len(e)
+            moved.append(lead_moved(lead, top2_ids, art_logits))
+            del art_logits
+        moved_stats = lead_moved_stats(torch.cat(moved)) if moved else None
         greedy = {
             label: {"onnx_artifact": artifact.greedy(p, cfg.greedy_tokens)} for label, p in prompts.items()
         }
@@ -605,6 +637,7 @@ def validate(
             "long_prompt_tokens": len(long_ids) if long_ids else 0,
             "quantized": quantized,
             "runtime": runtime_name,
+            "artifact_lead_moved": {k: round(v, 4) for k, v in moved_stats.items()} if moved_stats else None,
         }
         n_windows = f"{len(ids_list)} held-out windows" + (
             f" + one of {len(long_ids)} tokens" if long_ids else ""
@@ -627,6 +660,16 @@ def validate(
                 f"{kind} in {runtime_name}, {n_windows}",
             )
         )
+        if moved_stats:
+            res.checks.append(
+                Check(
+                    "artifact's change of PyTorch's top-1 lead, 90th percentile (logits)",
+                    moved_stats["p90"],
+                    detail=f"median {moved_stats['median']:.3f}, 99th percentile {moved_stats['p99']:.3f}, max "
+                    f"{moved_stats['max']:.3f} over {moved_stats['positions']} positions; the greedy gates' "
+                    f"near-tie margin is {cfg.greedy_tie_margin:g}",
+                )
+            )
         if prompts:
             m["onnx"]["greedy"] = {}
             for label, prompt in prompts.items():
@@ -645,6 +688,9 @@ def validate(
                 ties = " up to near-ties" if cfg.greedy_tie_margin > 0 else ""
                 for which, toks in runs.items():
                     passed, detail = greedy_verdict(ref_tokens, toks, margins, cfg.greedy_tie_margin)
+                    hint = ""
+                    if not passed and which == "onnx_artifact":
+                        hint = tie_margin_hint(moved_stats, cfg.greedy_tie_margin)
                     what = "ONNX float" if which == "onnx_float" else f"{kind} ({runtime_name})"
                     res.checks.append(
                         gate(
@@ -652,7 +698,7 @@ def validate(
                             float(passed),
                             "==",
                             1.0,
-                            f"{detail} after a {len(prompt)}-token prompt",
+                            f"{detail} after a {len(prompt)}-token prompt{hint}",
                         )
                     )
         if cfg.long_prompt_tokens and not long_ids:

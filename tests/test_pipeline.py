@@ -221,6 +221,13 @@ def test_gates_and_report(release):
         assert names[f"artifact (onnxruntime-genai) greedy tokens with KV cache identical, {label} prompt"]["passed"]
     for g in rep["onnx"]["greedy"].values():  # how close each of PyTorch's greedy choices was
         assert len(g["torch_top2_margins"]) == len(g["torch"]) and min(g["torch_top2_margins"]) >= 0
+    # a float artifact leaves PyTorch's top-1 lead where it was, at every parity position (informational check)
+    lm = rep["onnx"]["artifact_lead_moved"]
+    assert lm["positions"] == rep["onnx"]["positions"]
+    assert 0 <= lm["median"] <= lm["p90"] <= lm["p99"] <= lm["max"] < 1e-3
+    moved = names["artifact's change of PyTorch's top-1 lead, 90th percentile (logits)"]
+    assert moved["passed"] is None and "near-tie margin is 0" in moved["detail"]
+    assert "90th percentile" in (out / "report.md").read_text()
     assert rep["onnx"]["long_prompt_tokens"] == 100 and rep["onnx"]["runtime"] == "onnxruntime-genai"
     assert rep["tokenizer"]["en"]["parity"]["gated"] is False
     assert rep["vocab"]["policies"]["ranked"] == 500  # English: the tokenizer's 500 best-ranked Latin tokens
@@ -486,6 +493,8 @@ def test_gptq_stage_feeds_the_export(tiny_ckpt, tmp_path):
     weights = load_file(out / "model" / "model.safetensors")
     w = weights["model.layers.0.mlp.down_proj.weight"]
     assert len(w.unique()) > 64  # float, not 16 levels per block
+    lm = rep["onnx"]["artifact_lead_moved"]  # 4-bit codes move PyTorch's top-1 lead; a float artifact does not
+    assert lm["positions"] == rep["onnx"]["positions"] and lm["p90"] > 1e-3
 
 
 @pytest.mark.parametrize("source", ["pagemap", "smaps"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converter.validate import greedy_margins, greedy_verdict
+from converter.validate import greedy_margins, greedy_verdict, lead_moved, lead_moved_stats, tie_margin_hint
 
 
 def test_identical_runs_pass_whatever_the_margins():
@@ -41,3 +41,24 @@ def test_margins_are_the_lead_of_the_chosen_token_at_each_step():
 
     assert greedy_margins(fn, [1, 3], [2, 0, 1]) == pytest.approx([0.5, 3.0, 0.0])
     assert greedy_margins(fn, [1, 3], []) == []
+
+
+def test_lead_moved_is_the_change_of_pytorchs_top1_lead_on_the_same_two_tokens():
+    # PyTorch: position 0 prefers token 2 over 0 by 1.0, position 1 token 1 over 3 by 0.5
+    ref = torch.tensor([[2.0, -1.0, 3.0, 0.0], [0.0, 4.0, -2.0, 3.5]])
+    top2 = ref.topk(2, dim=-1)
+    lead = top2.values[:, 0] - top2.values[:, 1]
+    other = torch.tensor([[2.5, 9.0, 2.7, 0.0], [0.0, 4.0, -2.0, 4.25]])  # other tokens' logits do not count
+    got = lead_moved(lead, top2.indices, other)
+    assert got.tolist() == pytest.approx([1.0 - 0.2, 0.5 - (-0.25)])
+    assert lead_moved(lead, top2.indices, ref).tolist() == [0.0, 0.0]
+
+
+def test_lead_moved_stats_and_the_hint_for_a_failed_greedy_gate():
+    stats = lead_moved_stats(torch.arange(101, dtype=torch.float32) / 100)  # 0.00, 0.01, ..., 1.00
+    assert stats["median"] == pytest.approx(0.5) and stats["p90"] == pytest.approx(0.9)
+    assert stats["p99"] == pytest.approx(0.99) and stats["max"] == 1.0 and stats["positions"] == 101
+    hint = tie_margin_hint(stats, 0.1)
+    assert "0.900" in hint and "validate.greedy_tie_margin" in hint and "more than 0.1" in hint
+    assert tie_margin_hint(stats, 0.95) == ""  # the margin covers the noise: a departure is a real finding
+    assert tie_margin_hint(None, 0.1) == ""
