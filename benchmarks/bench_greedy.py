@@ -60,7 +60,7 @@ def main() -> None:
     from converter.calibrate import calibrate
     from converter.recipe import load_recipe
     from converter.runtime import open_artifact
-    from converter.validate import dir_bytes, greedy_margins, greedy_verdict, torch_logits_fn
+    from converter.validate import dir_bytes, greedy_verdict, lead_moved, lead_moved_stats, torch_logits_fn
 
     recipe = load_recipe(args.recipe, [])
     tie = recipe.validate_cfg.greedy_tie_margin
@@ -72,13 +72,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.release / "model", dtype=torch.float32).eval()
     fn = torch_logits_fn(model)
     refs = [ort.greedy_generate_torch(model, torch.tensor([p]), args.tokens) for p in prompts]
-    margins = [greedy_margins(fn, p, g) for p, g in zip(prompts, refs, strict=True)]
-    # PyTorch's top-1 and runner-up along its own greedy path: how far each artifact moves that lead
-    top2 = []
+    # one forward over each prompt and its greedy tokens: PyTorch's top-1 and runner-up at every step and its
+    # lead (validate.greedy_margins' numbers), which the near-tie rule reads and each artifact may move
+    top2, leads_ref = [], []
     for p, g in zip(prompts, refs, strict=True):
         ids = torch.tensor([p + g[:-1]])
         with torch.no_grad():
-            top2.append(fn(ids, torch.ones_like(ids))[0, len(p) - 1 :].float().topk(2, dim=-1).indices)
+            t = fn(ids, torch.ones_like(ids))[0, len(p) - 1 :].float().topk(2, dim=-1)
+        top2.append(t.indices)
+        leads_ref.append(t.values[:, 0] - t.values[:, 1])
+    margins = [lead.tolist() for lead in leads_ref]
     del model, fn
     ties = [tie] + [float(t) for t in args.ties.split(",") if t and float(t) != tie]
     steps = [x for m in margins for x in m]
@@ -92,7 +95,7 @@ def main() -> None:
     for label, onnx_dir in arts:
         art = open_artifact(onnx_dir)
         equal, passed, leads, moved = [], [0] * len(ties), [], []
-        for p, g, m, t2 in zip(prompts, refs, margins, top2, strict=True):
+        for p, g, m, t2, lead in zip(prompts, refs, margins, top2, leads_ref, strict=True):
             got = art.greedy(p, args.tokens)
             for j, t in enumerate(ties):
                 passed[j] += greedy_verdict(g, got, m, t)[0]
@@ -101,11 +104,11 @@ def main() -> None:
             if got != g and k < len(m):
                 leads.append(m[k])
             # the artifact's logits (one prefill) along PyTorch's path, at PyTorch's top-1 and runner-up
-            lg = torch.from_numpy(art.logits(p + g[:-1])[len(p) - 1 :]).float()
-            art_lead = (lg.gather(1, t2[:, :1]) - lg.gather(1, t2[:, 1:])).squeeze(1)
-            moved += (torch.tensor(m) - art_lead).abs().tolist()
+            moved.append(lead_moved(lead, t2, torch.from_numpy(art.logits(p + g[:-1])[len(p) - 1 :])))
         del art
-        rows.append((label, dir_bytes(onnx_dir, "*.onnx*"), equal, passed, leads, moved))
+        rows.append(
+            (label, dir_bytes(onnx_dir, "*.onnx*"), equal, passed, leads, lead_moved_stats(torch.cat(moved)))
+        )
         print(label, sum(e == args.tokens for e in equal), passed, statistics.mean(equal), flush=True)
 
     n = len(prompts)
@@ -131,13 +134,11 @@ def main() -> None:
     for label, size, equal, passed, leads, moved in rows:
         full = sum(e == args.tokens for e in equal)
         lead = f"{statistics.median(leads):.3f}, {max(leads):.3f}" if leads else "—"
-        q = torch.tensor(moved).quantile(torch.tensor([0.5, 0.9, 0.99])).tolist()
         lines.append(
             f"| {label} | {size / 1e6:.1f} | {full}/{n} | "
             + " | ".join(f"{x}/{n}" for x in passed)
             + f" | {statistics.mean(equal):.2f} | {lead} | "
-            + ", ".join(f"{x:.3f}" for x in q)
-            + f", {max(moved):.3f} |"
+            + f"{moved['median']:.3f}, {moved['p90']:.3f}, {moved['p99']:.3f}, {moved['max']:.3f} |"
         )
     lines += [
         "",
