@@ -33,6 +33,25 @@ RESULTS = HERE / "RESULTS.md"
 from bench_peers import _cpu  # noqa: E402  (one description of the machine for every table)
 
 
+def _labelled_dir(spec: str) -> tuple[str, Path]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{spec!r} is not LABEL=ONNX_DIR with an existing directory")
+    return label, Path(path)
+
+
+def _margins(spec: str) -> list[float]:
+    try:
+        out = [float(t) for t in spec.split(",") if t]
+    except ValueError:
+        out = [-1.0]
+    if any(t < 0 for t in out):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not a comma-separated list of margins >= 0, e.g. 0.25,0.4"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--release", type=Path, default=REPO / "dist" / "gemma3-270m-ko")
@@ -43,11 +62,16 @@ def main() -> None:
         "--prompt-tokens", type=int, default=16, help="prompt length, beginning of sequence included"
     )
     ap.add_argument(
-        "--artifact", action="append", default=[], help="LABEL=ONNX_DIR, another artifact of the same model/"
+        "--artifact",
+        action="append",
+        default=[],
+        type=_labelled_dir,
+        help="LABEL=ONNX_DIR, another artifact of the same model/",
     )
     ap.add_argument(
         "--ties",
-        default="",
+        type=_margins,
+        default=[],
         help="comma-separated near-tie margins to count passes at, besides the recipe's (e.g. 0.25)",
     )
     ap.add_argument("--write", action="store_true")
@@ -83,14 +107,12 @@ def main() -> None:
         leads_ref.append(t.values[:, 0] - t.values[:, 1])
     margins = [lead.tolist() for lead in leads_ref]
     del model, fn
-    ties = [tie] + [float(t) for t in args.ties.split(",") if t and float(t) != tie]
+    ties = [tie] + [t for t in args.ties if t != tie]
     steps = [x for m in margins for x in m]
     close = sum(x < tie for x in steps)
     with_tie = sum(min(m) < tie for m in margins)
 
-    arts = [("release", args.release / "onnx")] + [
-        (a.split("=", 1)[0], Path(a.split("=", 1)[1])) for a in args.artifact
-    ]
+    arts = [("release", args.release / "onnx"), *args.artifact]
     rows = []
     for label, onnx_dir in arts:
         art = open_artifact(onnx_dir)
@@ -117,8 +139,8 @@ def main() -> None:
         f"{_cpu()}, {os.cpu_count()} cores)",
         "",
         f"`python benchmarks/bench_greedy.py --release {args.release}"
-        + "".join(f" --artifact {a}" for a in args.artifact)
-        + (f" --ties {args.ties}" if args.ties else "")
+        + "".join(f" --artifact {a}={d}" for a, d in args.artifact)
+        + (" --ties " + ",".join(f"{t:g}" for t in args.ties) if args.ties else "")
         + f"`: the first {args.prompt_tokens} tokens of each of the {n} held-out `{args.lang}` documents that have "
         f"as many (beginning of sequence included) as the prompt, {args.tokens} greedy tokens with KV cache from "
         "the converted PyTorch model and from each artifact in its own runtime. PyTorch's own top-1 led the "

@@ -28,6 +28,13 @@ RESULTS = HERE / "RESULTS.md"
 from bench_peers import _cpu  # noqa: E402  (one description of the machine for every table)
 
 
+def _labelled_file(spec: str) -> tuple[str, Path]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{spec!r} is not LABEL=PATH with an existing text file")
+    return label, Path(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "korean.yaml"))
@@ -39,12 +46,15 @@ def main() -> None:
         "--texts",
         action="append",
         default=[],
+        type=_labelled_file,
         help="LABEL=PATH: also score the first --text-lines non-empty lines of a text file, one document each.",
     )
-    ap.add_argument("--text-lines", type=int, default=400)
+    ap.add_argument("--text-lines", type=int, default=400, help="lines scored per --texts file (>= 1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override KEY=VALUE.")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    if args.text_lines < 1:
+        ap.error("--text-lines must be at least 1")
 
     from converter.arch import Arch
     from converter.calibrate import calibrate
@@ -60,8 +70,7 @@ def main() -> None:
     )
     langs = [args.lang, *[c for c in args.also.split(",") if c]]
     docs_of = {c: calib.languages[c].heldout_docs for c in langs}
-    for spec in args.texts:
-        label, path = spec.split("=", 1)
+    for label, path in args.texts:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
         docs_of[label] = lines[: args.text_lines]
         langs.append(label)
@@ -90,7 +99,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     sets = "".join(f" --set {o}" for o in args.overrides)
     also = f" --also {args.also}" if args.also else ""
-    also += "".join(f" --texts {t}" for t in args.texts) + (
+    also += "".join(f" --texts {label}={path}" for label, path in args.texts) + (
         f" --text-lines {args.text_lines}" if args.texts else ""
     )
     lines = [
