@@ -8,10 +8,14 @@ fail on random weights; the run's memory is what is measured). The table gives t
 ratio to the checkpoint's float32 bytes, the stage that peaked (from the manifest's per-stage peaks) and the wall
 time. ``--limit-largest F`` then runs the largest model again inside a cgroup (v1 or v2, root only) whose memory
 limit is F x its float32 bytes, which succeeds only if no stage holds the whole model in memory.
+``--limit-each F`` runs every size again inside a cgroup of F x its float32 bytes: the memory a container
+(whose limit is a cgroup's) must give the run, as against RSS, which also counts clean file pages (libraries, the
+mapped checkpoint) that the kernel keeps while nothing presses on memory and reclaims when something does.
 
     python benchmarks/bench_scaling.py                       # the three sizes
     python benchmarks/bench_scaling.py --sizes S,M --write   # some, and append the table to RESULTS.md
     python benchmarks/bench_scaling.py --limit-largest 0.9 --write
+    python benchmarks/bench_scaling.py --sizes XS,S,M --limit-each 2.5
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ def _cgroup(limit: int) -> tuple[Path, Path]:
 
 def run(ckpt: Path, out: Path, limit: int | None = None) -> dict:
     rec = recipe(ckpt, out)
+    for d in (out / ckpt.name, out / f"{ckpt.name}.failed"):  # a killed run must not report an older manifest
+        shutil.rmtree(d, ignore_errors=True)
     cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).with_name("langconvert")), str(rec)]
     group = None
     if limit is not None:
@@ -186,8 +192,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="S,M,L")
     ap.add_argument("--work", default="/tmp/langconvert-scaling")
     ap.add_argument("--limit-largest", type=float, default=None, help="cgroup limit as a fraction of fp32 bytes")
+    ap.add_argument(
+        "--limit-each", type=float, default=None, help="also run every size in a cgroup of this fraction of fp32 bytes"
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    for opt in ("limit_largest", "limit_each"):
+        v = getattr(args, opt)
+        if v is not None and not v > 0:
+            ap.error(f"--{opt.replace('_', '-')} must be a positive fraction of the model's float32 bytes, e.g. 2.5")
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -200,7 +213,10 @@ def main() -> None:
         rows.append((name, model_bytes, r, top, None))
         print(name, model_bytes, r["exit"], r["peak"], f"{r['wall']:.0f}s", top, flush=True)
     dropped = False
+    limited = [(n, args.limit_each) for n in names] if args.limit_each else []
     if args.limit_largest:
+        limited.append((names[-1], args.limit_largest))
+    for name, frac in limited:
         # Page cache is charged to the cgroup that first reads a page: drop it, so the checkpoint the earlier runs
         # read is charged to the limited run when it maps it, instead of riding free in the parent's group.
         subprocess.run(["sync"], check=False)
@@ -210,16 +226,16 @@ def main() -> None:
         except OSError:
             dropped = False
         print("page cache dropped before the limited run:", dropped, flush=True)
-        name = names[-1]
         ckpt = root / f"llama-{name}"
         model_bytes = (ckpt / "model.safetensors").stat().st_size
-        limit = int(args.limit_largest * model_bytes)
+        limit = int(frac * model_bytes)
         r = run(ckpt, root / "dist-limited", limit)
         last = [s for s, v in r["stages"].items()]
-        top = max(r["stages"].items(), key=lambda kv: kv[1] or 0)[0] if r["stages"] else "?"
+        top = max(r["stages"].items(), key=lambda kv: kv[1] or 0)[0] if r["stages"] and r["exit"] == 0 else "?"
         rows.append((name, model_bytes, r, top, limit))
         print("limited", name, limit, r["exit"], r["peak"], r["status"], last, flush=True)
-        print("\n".join(r["tail"]))
+        if r["exit"]:
+            print("\n".join(r["tail"]))
     floor = floor_bytes()
     lines = [
         f"### Peak memory against model size, Llama layout, random weights ({datetime.now(timezone.utc):%Y-%m-%d}, "
@@ -227,10 +243,11 @@ def main() -> None:
         "",
         f"`python benchmarks/bench_scaling.py --sizes {args.sizes}"
         + (f" --limit-largest {args.limit_largest}" if args.limit_largest else "")
+        + (f" --limit-each {args.limit_each}" if args.limit_each else "")
         + "`: the whole CLI run (experts pruning 12.5%, ko+en vocabulary, genai int8 export, validation) per model "
         "in its own process; peak RSS from `/usr/bin/time -v`; the stage that peaked from the manifest; for the "
-        "limited run also the cgroup's own peak (its anonymous memory and the page cache charged to it; the page "
-        "cache was dropped before it" + ("" if dropped or not args.limit_largest else "; NOT here: drop_caches refused")
+        "limited runs also the cgroup's own peak (its anonymous memory and the page cache charged to it; the page "
+        "cache was dropped before each" + ("" if dropped or not limited else "; NOT here: drop_caches refused")
         + ").",
         "",
         "| model | parameters (fp32 bytes) | memory limit | exit | peak RSS | peak / model bytes | cgroup peak "

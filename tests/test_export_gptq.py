@@ -52,6 +52,9 @@ def test_correlated_inputs_lower_the_output_error(bits):
     ao_codes, ao_scales = gptq_quantize(w, h, bits, 16, act_order=True)
     assert np.array_equal(ao_scales, rtn_scales)
     assert output_error(w, h, ao_codes, ao_scales, 16) < 0.7 * rtn
+    # the walk hands act-order the round-to-nearest scales it already has: the same codes
+    given_codes, given_scales = gptq_quantize(w, h, bits, 16, act_order=True, block_scales=rtn_scales)
+    assert np.array_equal(given_codes, ao_codes) and np.array_equal(given_scales, ao_scales)
 
 
 def test_weight_key_names_the_onnx_layout():

@@ -54,12 +54,15 @@ def gptq_quantize(
     scale_search: str = "absmax",
     damp: float = 0.01,
     act_order: bool = False,
+    block_scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ codes of ``w`` (out, in) under Hessian ``h`` (in, in) = Σ x xᵀ (module doc).
 
     ``act_order``: quantize the input columns in order of decreasing H_jj (the inputs with the most energy
     first, while the most columns are left to take up their error), with every block's scales fixed from the
     weights before any update ("static groups"), since MatMulNBits' blocks are contiguous in the original order.
+    ``block_scales``: those scales when the caller has them already (quantize.block_quantize of ``w`` at these
+    bits, block size and scale search); act-order only.
 
     Returns (codes (out, in_pad) int8, scales (out, in_pad / block_size) float32), in_pad the input width
     rounded up to the block size (padding codes 0), the layout quantize.block_quantize returns.
@@ -75,7 +78,7 @@ def gptq_quantize(
     h[dead, dead] = 1.0  # never-reached inputs: no correlation, so nothing is spread onto them
     h.diagonal().add_(damp * float(h.diagonal().mean()))
     if act_order:
-        return _gptq_act_order(w, h, bits, block_size, scale_search)
+        return _gptq_act_order(w, h, bits, block_size, scale_search, block_scales)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (in, in)
     codes = torch.zeros(out_f, blocks * block_size, dtype=torch.float64)
     scales = np.zeros((out_f, blocks), np.float32)
@@ -100,14 +103,20 @@ def gptq_quantize(
 
 
 def _gptq_act_order(
-    w: torch.Tensor, h: torch.Tensor, bits: int, block_size: int, scale_search: str
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    block_size: int,
+    scale_search: str,
+    scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """gptq_quantize's act_order path; ``w`` and ``h`` float64 copies, ``h`` already dampened."""
     from converter.export.quantize import block_quantize
 
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     out_f, in_f = w.shape
-    _, scales = block_quantize(w.float().numpy().T, bits, block_size, scale_search)  # (out, blocks), fixed
+    if scales is None:
+        _, scales = block_quantize(w.float().numpy().T, bits, block_size, scale_search)  # (out, blocks), fixed
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -136,7 +145,7 @@ def output_error(w: torch.Tensor, h: torch.Tensor, codes: np.ndarray, scales: np
     from converter.export.quantize import dequantize
 
     d = w.double() - torch.from_numpy(dequantize(codes, scales, w.shape[1], block_size).T.astype(np.float64))
-    return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
+    return float(((d @ h.double()) * d).sum())
 
 
 @dataclass
@@ -225,11 +234,14 @@ def gptq_codes(loaded: Any, calib: Any, cfg: Any, device: str, work_dir: Path) -
             hits = matching_patterns(full_name.get(id(lin), name), own_bits)
             # export.linear_bits may give this linear other bits than export.quantize's: GPTQ at its own bits
             b = own_bits[hits[-1]] if hits else bits
-            codes, scales = gptq_quantize(w, hess[name], b, cfg.block_size, cfg.scale_search, act_order=True)
+            # round to nearest: the baseline of the error ratio, and its scales are act-order's fixed block scales
+            rtn_codes, rtn_scales = block_quantize(w.float().numpy().T, b, cfg.block_size, cfg.scale_search)
+            codes, scales = gptq_quantize(
+                w, hess[name], b, cfg.block_size, cfg.scale_search, act_order=True, block_scales=rtn_scales
+            )
             key = weight_key(w.float().numpy().T)
             arrays[key + ".codes"], arrays[key + ".scales"] = codes, scales
             arrays[key + ".bits"] = np.array(b, np.int8)
-            rtn_codes, rtn_scales = block_quantize(w.float().numpy().T, b, cfg.block_size, cfg.scale_search)
             err_g += output_error(w, hess[name], codes, scales, cfg.block_size)
             err_r += output_error(w, hess[name], rtn_codes, rtn_scales, cfg.block_size)
             deq = dequantize(codes, scales, w.shape[1], cfg.block_size).T  # (out, in)
