@@ -20,7 +20,7 @@ from converter.recipe import VocabConfig
 from converter.vocab import VocabResult, trim_tokenizer, trim_tokenizer_json, trim_vocab
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
 from converter.vocab.select import bytes_to_unicode, classify_token, merge_closure, parse_bpe, select_ids
-from converter.vocab.slice import slice_model
+from converter.vocab.slice import gather_rows, slice_model
 from tests.conftest import NTREX_FILES, TOKENIZERS, ntrex_lines, require_shared, tiny_model
 
 LANG_FILES = NTREX_FILES
@@ -360,6 +360,38 @@ def test_slice_model_keeps_logits_at_kept_ids(model_type, tie, padding):
     assert (stats.rows_before, stats.rows_after) == (vocab + padding, len(token_map))
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (2, 1, 0)
     assert model.generation_config.bos_token_id == 2
+
+
+@pytest.mark.parametrize("rows,hidden", [(37, 3), (64, 4)])
+def test_gather_rows_in_chunks_equals_index_select(rows, hidden):
+    # every chunk size from one row to all rows, against maps that start, end and jump across chunk boundaries
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, hidden, generator=g)
+    maps = [[0], [rows - 1], list(range(rows)), list(range(0, rows, 3)), [1, 2, rows - 2]]
+    maps += [sorted(torch.randperm(rows, generator=g)[:k].tolist()) for k in (5, rows // 2)]
+    for token_map in maps:
+        idx = torch.tensor(token_map)
+        for chunk_rows in range(1, rows + 1):
+            calls: list[int] = []
+            got = gather_rows(w, idx, lambda: calls.append(1), chunk_bytes=chunk_rows * hidden * 4)
+            assert torch.equal(got, w.index_select(0, idx)), (token_map, chunk_rows)
+            # one release per chunk of source rows that holds a kept row
+            assert len(calls) == len({i // chunk_rows for i in token_map})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_slice_model_releases_pages_while_gathering(tie):
+    model = tiny_model("qwen2", vocab_size=64, tie=tie, seed=3)
+    ref = tiny_model("qwen2", vocab_size=64, tie=tie, seed=3)
+    token_map = [0, 1, 2, 5, 8, 13, 21, 34, 40, 55, 63]
+    calls: list[int] = []
+    slice_model(model, Arch.of(model), token_map, release=lambda: calls.append(1))
+    slice_model(ref, Arch.of(ref), token_map)
+    assert calls  # the default chunk holds this whole 64-row embedding: one call per gathered matrix
+    assert len(calls) == (1 if tie else 2)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
 
 
 def test_slice_model_gathers_lm_head_bias():

@@ -26,7 +26,7 @@ import regex
 
 from converter.errors import DataError, ModelError
 from converter.languages import language_scripts, normalize_scripts
-from converter.load import load_tokenizer, portable_tokenizer_config
+from converter.load import load_tokenizer, portable_tokenizer_config, unmap_clean_checkpoint_pages
 from converter.recipe import VocabConfig
 from converter.vocab.probe import probe_encodings, probe_ids, script_check, tokenizers_encoder
 from converter.vocab.rebuild import rebuild_tokenizer_config, rebuild_tokenizer_json
@@ -462,7 +462,9 @@ def trim_vocab(
     new_tok = _load_trimmed_fast_tokenizer(tok, new_tj, token_map)
     del new_tj
     gc.collect()  # the parsed tokenizer.json (hundreds of MB of Python objects for a 262k vocabulary) goes first
-    stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map)
+    # the original rows are read from the mapped checkpoint a chunk at a time, and their pages given back as it
+    # goes, instead of all of a 262k-row embedding becoming resident beside the kept copy
+    stats: SliceStats = slice_model(loaded.model, loaded.arch, token_map, release=unmap_clean_checkpoint_pages)
     loaded.tokenizer = new_tok
 
     result = VocabResult(

@@ -7,7 +7,7 @@ are (Gemma 3's scaled embedding keeps its scale); only their weights and sizes c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +75,38 @@ def _param_count(arch: Arch) -> int:
     return n
 
 
+def gather_rows(
+    w: torch.Tensor, idx: torch.Tensor, release: Callable[[], Any] | None = None, chunk_bytes: int = 32 << 20
+) -> torch.Tensor:
+    """``w.index_select(0, idx)`` for increasing ``idx``, read ``chunk_bytes`` of source rows at a time, calling
+    ``release`` after each chunk.
+
+    A weight still mapped from a checkpoint file becomes resident page by page as rows are read, and the kernel
+    maps the neighbouring cached pages along with each one, so one index_select over a 262k-row embedding makes
+    nearly all of it resident next to the kept copy. ``release`` (e.g. giving the clean checkpoint pages back)
+    keeps that to one chunk. The result is the same either way.
+    """
+    if release is None or w.device.type != "cpu" or len(idx) == 0:
+        return w.index_select(0, idx)
+    out = torch.empty((len(idx), *w.shape[1:]), dtype=w.dtype)
+    row_bytes = max(1, w[0].numel() * w.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    bounds = torch.searchsorted(idx, torch.arange(0, w.shape[0] + step, step, dtype=idx.dtype))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b > a:
+            torch.index_select(w, 0, idx[a:b], out=out[a:b])
+            release()
+    return out
+
+
 @torch.no_grad()
-def slice_model(model: nn.Module, arch: Arch, token_map: Sequence[int]) -> SliceStats:
+def slice_model(
+    model: nn.Module, arch: Arch, token_map: Sequence[int], release: Callable[[], Any] | None = None
+) -> SliceStats:
     """Keep the embedding / lm_head rows ``token_map`` names, in that order, and renumber config token ids.
 
     Modifies ``model`` in place. Tied heads stay tied (the head gets the sliced embedding Parameter).
+    ``release``: called while the rows are gathered (see gather_rows).
     """
     emb = arch.input_embeddings()
     head = arch.lm_head()
@@ -105,7 +132,7 @@ def slice_model(model: nn.Module, arch: Arch, token_map: Sequence[int]) -> Slice
     # (rows_before, hidden) -> (len(token_map), hidden)
     old_w = emb.weight
     # index_select allocates the new rows (no clone: a second copy would double the transient peak)
-    emb.weight = nn.Parameter(old_w.index_select(0, idx), requires_grad=old_w.requires_grad)
+    emb.weight = nn.Parameter(gather_rows(old_w, idx, release), requires_grad=old_w.requires_grad)
     del old_w
     emb.num_embeddings = len(token_map)
     if getattr(emb, "padding_idx", None) is not None:
@@ -116,7 +143,7 @@ def slice_model(model: nn.Module, arch: Arch, token_map: Sequence[int]) -> Slice
     else:
         hw = head.weight  # (rows_before, hidden)
         head.weight = nn.Parameter(
-            hw.index_select(0, idx.to(hw.device)), requires_grad=hw.requires_grad
+            gather_rows(hw, idx.to(hw.device), release), requires_grad=hw.requires_grad
         )
     if getattr(head, "bias", None) is not None:
         b = head.bias  # (rows_before,)
