@@ -84,7 +84,14 @@ def main() -> None:
     from converter.calibrate import calibrate
     from converter.recipe import load_recipe
     from converter.runtime import open_artifact
-    from converter.validate import dir_bytes, greedy_verdict, lead_moved, lead_moved_stats, torch_logits_fn
+    from converter.validate import (
+        dir_bytes,
+        greedy_verdict,
+        lead_moved,
+        lead_moved_stats,
+        top2_lead,
+        torch_logits_fn,
+    )
 
     recipe = load_recipe(args.recipe, [])
     tie = recipe.validate_cfg.greedy_tie_margin
@@ -102,9 +109,9 @@ def main() -> None:
     for p, g in zip(prompts, refs, strict=True):
         ids = torch.tensor([p + g[:-1]])
         with torch.no_grad():
-            t = fn(ids, torch.ones_like(ids))[0, len(p) - 1 :].float().topk(2, dim=-1)
-        top2.append(t.indices)
-        leads_ref.append(t.values[:, 0] - t.values[:, 1])
+            t2, lead = top2_lead(fn(ids, torch.ones_like(ids))[0, len(p) - 1 :].float())
+        top2.append(t2)
+        leads_ref.append(lead)
     margins = [lead.tolist() for lead in leads_ref]
     del model, fn
     ties = [tie] + [t for t in args.ties if t != tie]

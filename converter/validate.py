@@ -321,6 +321,13 @@ def greedy_verdict(
     return tie, detail
 
 
+def top2_lead(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """At each position of ``logits`` (S, V): the ids of the top-1 and the runner-up, (S, 2), and the top-1's lead
+    over the runner-up in logits, (S,): what lead_moved compares another model against."""
+    top2 = logits.topk(2, dim=-1)
+    return top2.indices.clone(), (top2.values[:, 0] - top2.values[:, 1]).clone()
+
+
 def lead_moved(ref_lead: torch.Tensor, ref_top2: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """How far another model's ``logits`` (S, V) move PyTorch's lead at each position: |PyTorch's top-1 logit minus
     its runner-up (``ref_lead``) - the other model's difference between the same two tokens (``ref_top2``, (S, 2))|."""
@@ -523,9 +530,8 @@ def validate(
             scratch.write(memoryview(np.ascontiguousarray(ref)).cast("B"))  # no bytes copy of the (S, V) array
             shapes.append(ref.shape)
             ref_tops.append(torch.from_numpy(ref).argmax(-1))
-            top2 = torch.from_numpy(ref).topk(2, dim=-1)
-            ref_top2.append((top2.indices.clone(), (top2.values[:, 0] - top2.values[:, 1]).clone()))
-            del ref, top2  # one (S, V) array at a time
+            ref_top2.append(top2_lead(torch.from_numpy(ref)))
+            del ref  # one (S, V) array at a time
         speed_texts = speed_prompts(converted.tokenizer, calib, cfg) if reference.speed is not None and targets else None
         conv_fn = None
         converted.release_weights()

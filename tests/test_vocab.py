@@ -373,7 +373,7 @@ def test_gather_rows_in_chunks_equals_index_select(rows, hidden):
         idx = torch.tensor(token_map)
         for chunk_rows in range(1, rows + 1):
             calls: list[int] = []
-            got = gather_rows(w, idx, lambda: calls.append(1), chunk_bytes=chunk_rows * hidden * 4)
+            got = gather_rows(w, idx, lambda c=calls: c.append(1), chunk_bytes=chunk_rows * hidden * 4)
             assert torch.equal(got, w.index_select(0, idx)), (token_map, chunk_rows)
             # one release per chunk of source rows that holds a kept row
             assert len(calls) == len({i // chunk_rows for i in token_map})

@@ -131,7 +131,7 @@ def slice_model(
 
     # (rows_before, hidden) -> (len(token_map), hidden)
     old_w = emb.weight
-    # index_select allocates the new rows (no clone: a second copy would double the transient peak)
+    # gather_rows allocates the new rows (no clone: a second copy would double the transient peak)
     emb.weight = nn.Parameter(gather_rows(old_w, idx, release), requires_grad=old_w.requires_grad)
     del old_w
     emb.num_embeddings = len(token_map)
